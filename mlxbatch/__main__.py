@@ -1,0 +1,5 @@
+"""`python -m mlxbatch` runs the command line."""
+
+from mlxbatch.cli import main
+
+main()

@@ -1,0 +1,245 @@
+"""The `mlxbatch` command line: process, validate, status, export.
+
+Exit codes: 0 success; 1 input problems, failed rows over --max-errors, a locked or damaged
+store, or a model that cannot load; 2 usage errors; 130 / 143 after SIGINT / SIGTERM (finished
+rows are committed and exported first). Nothing here imports mlx: `process` reaches it through
+jobs/runner.py only once the input has passed validation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from mlxbatch import __version__
+from mlxbatch.jobs.spec import DEFAULT_MODEL, JobSpec, build_spec, default_store, load_job_file
+from mlxbatch.records import InputProblems
+
+EXIT_INPUT = 1
+
+
+def _input_options(f: Callable) -> Callable:
+    options = [
+        click.argument("input", required=False, type=click.Path(dir_okay=True)),
+        click.option("--job", "job_file", type=click.Path(), help="Job file (YAML or JSON) holding any of these options; flags override it."),
+        click.option("--template", help="Jinja template rendered over each row's fields, e.g. 'Review: {{ text }}'."),
+        click.option("--system", help="System prompt added to chat prompts."),
+        click.option("--input-format", type=click.Choice(["auto", "prompt", "messages", "openai", "rows"]), default="auto", show_default=True, help="Row kind; 'auto' detects it from the file."),
+        click.option("--input-schema", type=click.Path(), help="JSON schema every input row must also satisfy."),
+        click.option("--id-field", help="Row field holding each row's id (default: custom_id, id, else the line number)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _generation_options(f: Callable) -> Callable:
+    options = [
+        click.option("-o", "--output", type=click.Path(), help="Output file, .jsonl or .parquet  [default: <input>.out.jsonl]"),
+        click.option("--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"),
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Local model directory or Hugging Face repo id."),
+        click.option("--adapter-path", type=click.Path(), help="LoRA adapter directory."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Weights dtype; auto = float32 on CPU, the model's own on GPU."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer to run code from the model repo."),
+        click.option("--chat-template/--no-chat-template", default=True, show_default=True, help="Apply the model's chat template to --template rows."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most tokens to generate per row."),
+        click.option("--temperature", type=click.FloatRange(0, 10), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Job seed; a row's draws depend only on it, the row id and sample index."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("-n", "--n", "n", type=click.IntRange(1, 1024), default=1, show_default=True, help="Samples per row."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Most rows decoded together  [default: chosen from memory]"),
+        click.option("--window", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows read and length-sorted at a time."),
+        click.option("--checkpoint-every", type=click.FloatRange(min=0), default=300.0, show_default=True, help="Seconds between re-exports of the output during a run."),
+        click.option("--fresh", is_flag=True, help="Ignore stored results (a damaged store is moved aside)."),
+        click.option("--max-errors", type=click.IntRange(min=0), default=0, show_default=True, help="Failed rows tolerated before the exit code is 1."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _spec(ctx: click.Context, params: dict[str, Any]) -> JobSpec:
+    """Defaults < job file < flags the user actually typed."""
+    job_file = params.pop("job_file", None)
+    job = {}
+    if job_file:
+        job = load_job_file(job_file)
+    typed = {k: v for k, v in params.items()
+             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}  # fmt: skip
+    defaults = {k: v for k, v in params.items() if k not in typed}
+    spec = build_spec({**defaults, **job}, typed)
+    if not spec.input:
+        raise click.UsageError("missing INPUT (give it as an argument or as 'input' in --job)")
+    if spec.input_format == "rows" and not spec.template:
+        raise click.UsageError("--input-format rows needs --template")
+    return spec
+
+
+def _report_problems(e: InputProblems) -> None:
+    for problem in e.problems:
+        click.echo(str(problem), err=True)
+    hidden = e.total - len(e.problems)
+    if hidden > 0:
+        click.echo(f"... and {hidden} more problem(s)", err=True)
+
+
+def _handle_input_problems(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mlxbatch.jobs.store import StoreError
+        from mlxbatch.pipeline.engine import ModelLoadError
+
+        try:
+            return f(*args, **kwargs)
+        except InputProblems as e:
+            _report_problems(e)
+            raise click.ClickException(
+                f"{e.total} input problem(s); nothing was generated"
+            ) from None
+        except (StoreError, ModelLoadError) as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlxbatch")
+def cli() -> None:
+    """Run a file of prompts through a local MLX model: validated, batched, resumable."""
+
+
+@cli.command()
+@_input_options
+@_generation_options
+@click.pass_context
+@_handle_input_problems
+def process(ctx: click.Context, **params: Any) -> None:
+    """Generate an output for every row of INPUT (.jsonl, .jsonl.gz or .parquet).
+
+    Finished rows are kept in a store beside the output: re-running the same command after a
+    crash, or over a grown input, generates only what is missing.
+    """
+    from mlxbatch.jobs.runner import run_job
+
+    spec = _spec(ctx, params)
+    summary = run_job(spec)
+    if not spec.quiet:
+        click.echo(_summary_line(summary), err=True)
+    if summary.signal is not None:
+        ctx.exit(128 + summary.signal)
+    if summary.failed > spec.max_errors:
+        click.echo(f"Error: {summary.failed} row(s) failed (--max-errors {spec.max_errors}); "
+                   f"see {spec.errors_path}", err=True)  # fmt: skip
+        ctx.exit(EXIT_INPUT)
+
+
+def _summary_line(s: Any) -> str:
+    state = "interrupted" if s.status == "interrupted" else "done"
+    return (
+        f"mlxbatch: {state}: {s.ok + s.cached} ok ({s.cached} cached), {s.failed} failed of "
+        f"{s.rows} rows; {s.prompt_tokens} prompt + {s.generated_tokens} generated tokens; "
+        f"{s.tokens_per_second:.1f} tok/s; {s.wall:.1f} s; peak memory "
+        f"{s.peak_memory / 2**20:.0f} MiB -> {s.output}"
+    )
+
+
+@cli.command()
+@_input_options
+@click.pass_context
+@_handle_input_problems
+def validate(ctx: click.Context, **params: Any) -> None:
+    """Check INPUT without loading a model; report every problem as file:line."""
+    from mlxbatch.jobs.runner import check_inputs
+
+    spec = _spec(ctx, params)
+    check = check_inputs(spec)
+    click.echo(f"{spec.input}: {check.requests} rows OK ({check.kind} rows, {check.tasks} tasks)")
+
+
+def _store_for(path: str, store: str | None) -> str:
+    if store:
+        return store
+    return path if path.endswith(".sqlite") else default_store(path)
+
+
+@cli.command()
+@click.argument("output", type=click.Path())
+@click.option(
+    "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_handle_input_problems
+def status(output: str, store: str | None, as_json: bool) -> None:
+    """Show rows done / failed / pending and the last run of OUTPUT's store."""
+    from mlxbatch.jobs.store import Store
+
+    path = _store_for(output, store)
+    db = Store(path, create=False)
+    try:
+        counts, run = db.counts(), db.last_run()
+    finally:
+        db.close()
+    if as_json:
+        click.echo(json.dumps({"store": path, **counts, "last_run": run}, indent=2, default=str))
+        return
+    click.echo(f"store: {path}")
+    click.echo(f"rows: {counts['rows']} total, {counts['done']} done, {counts['failed']} failed, "
+               f"{counts['pending']} pending")  # fmt: skip
+    click.echo(f"tokens: {counts['prompt_tokens']} prompt, {counts['completion_tokens']} generated")
+    if run:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
+        stats = run["stats"]
+        click.echo(f"last run: #{run['run_id']} {run['status']}, started {when}, pid {run['pid']}")
+        click.echo(f"model: {run['model']} ({run['model_identity']})")
+        if stats:
+            click.echo(f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
+                       f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB")  # fmt: skip
+
+
+@cli.command()
+@click.argument("output", type=click.Path())
+@click.option(
+    "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
+)
+@click.option(
+    "-o",
+    "--to",
+    "target",
+    type=click.Path(),
+    help="Write here instead of OUTPUT (.jsonl or .parquet).",
+)
+@_handle_input_problems
+def export(output: str, store: str | None, target: str | None) -> None:
+    """Write OUTPUT again from its store, atomically; works while a run is going on."""
+    from mlxbatch.jobs.runner import export_outputs
+    from mlxbatch.jobs.store import Store
+
+    db = Store(_store_for(output, store), create=False)
+    try:
+        run = db.last_run()
+        if run is None:
+            raise click.ClickException(f"{db.path}: the store holds no run yet")
+        spec = JobSpec(input=run["input"], output=target or output, model=run["model"])
+        n = export_outputs(db, spec, run["kind"])
+    finally:
+        db.close()
+    click.echo(f"wrote {n} lines to {spec.output_path}")
+
+
+def main() -> None:
+    cli(prog_name="mlxbatch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Job-level code: the spec, the runner that composes the stages, the store, export."""

@@ -1,0 +1,219 @@
+"""Store -> output files, published atomically, in input order.
+
+Every file is written to a temp file in its own directory, fsynced, `os.replace`d over the
+target, and the directory fsynced: a reader sees the old file or the new one, never half of
+one. Three output shapes: mlxbatch JSONL records, OpenAI Batch output lines (for OpenAI
+envelope inputs), and Parquet (input columns plus output columns). Failed rows also go to
+`<output>.errors.jsonl`. Rows still pending are left out. Nothing here generates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from itertools import groupby
+from typing import Any
+
+from mlxbatch.jobs.store import ExportRow, Store
+from mlxbatch.records import SourceRow
+
+PARQUET_CHUNK = 8192
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, then publish tmp_path as `path` durably and atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_lines_atomic(path: str, lines: Iterable[str]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line)
+                f.write("\n")
+
+    write_atomic(path, write)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _error(row: ExportRow) -> dict | None:
+    if row.finish_reason != "error":
+        return None
+    return {"code": row.error_code or "error", "message": row.error_message or ""}
+
+
+def output_record(row: ExportRow) -> dict:
+    """One mlxbatch output record (schemas/output.schema.json)."""
+    record: dict[str, Any] = {"id": row.id}
+    if row.custom_id is not None:
+        record["custom_id"] = row.custom_id
+    if row.n > 1:
+        record["sample_index"] = row.sample_index
+    record.update(
+        output=row.text or "",
+        finish_reason=row.finish_reason,
+        usage={
+            "prompt_tokens": row.prompt_tokens or 0,
+            "completion_tokens": row.completion_tokens or 0,
+        },
+        error=_error(row),
+    )
+    return record
+
+
+def openai_record(rows: list[ExportRow], model: str) -> dict:
+    """One OpenAI Batch output line for all samples of one request."""
+    first = rows[0]
+    digest = hashlib.sha256("".join(r.key for r in rows).encode()).hexdigest()
+    line: dict[str, Any] = {"id": f"batch_req_{digest[:24]}", "custom_id": first.custom_id}
+    failed = next((r for r in rows if r.finish_reason == "error"), None)
+    if failed is not None:
+        return {**line, "response": None, "error": _error(failed)}
+    chat = first.url == "/v1/chat/completions"
+    choices = []
+    for r in rows:
+        choice: dict[str, Any] = {"index": r.sample_index}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": r.text or ""}
+        else:
+            choice["text"] = r.text or ""
+        choice.update(logprobs=None, finish_reason=r.finish_reason)
+        choices.append(choice)
+    prompt = first.prompt_tokens or 0
+    completion = sum(r.completion_tokens or 0 for r in rows)
+    body = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{digest[24:48]}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": max(r.created or 0 for r in rows),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
+    }  # fmt: skip
+    response = {"status_code": 200, "request_id": f"req_{digest[48:]}", "body": body}
+    return {**line, "response": response, "error": None}
+
+
+def _finished(rows: Iterable[ExportRow]) -> Iterator[ExportRow]:
+    return (r for r in rows if r.finish_reason is not None)
+
+
+def export_jsonl(store: Store, output: str, errors: str, *, openai_model: str | None) -> int:
+    """Write JSONL output (mlxbatch or OpenAI shape) and the errors file; return lines written."""
+    err_lines: list[str] = []
+    written = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal written
+        for record, failed in _records(store, openai_model):
+            line = _dumps(record)
+            if failed:
+                err_lines.append(line)
+            written += 1
+            yield line
+
+    write_lines_atomic(output, lines())
+    _write_errors(errors, err_lines)
+    return written
+
+
+def _records(store: Store, openai_model: str | None) -> Iterator[tuple[dict, bool]]:
+    if openai_model is None:
+        for row in _finished(store.export_rows()):
+            yield output_record(row), row.finish_reason == "error"
+        return
+    for _, group in groupby(store.export_rows(), key=lambda r: r.line):
+        rows = list(group)
+        if any(r.finish_reason is None for r in rows):
+            continue  # a request is written once all its samples are done
+        yield openai_record(rows, openai_model), any(r.finish_reason == "error" for r in rows)
+
+
+def _write_errors(path: str, lines: list[str]) -> None:
+    if lines:
+        write_lines_atomic(path, lines)
+    elif os.path.exists(path):
+        os.unlink(path)  # a stale errors file from an earlier run would mislead
+
+
+def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[SourceRow]) -> int:
+    """Write Parquet: each input row's columns plus the output columns, one row per sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = iter(input_rows)
+    current = SourceRow(0, {})
+    err_lines: list[str] = []
+    written = 0
+
+    def records() -> Iterator[dict]:
+        nonlocal current
+        for row in _finished(store.export_rows()):
+            while current.line < row.line:
+                current = next(inputs)
+            record = output_record(row)
+            if row.finish_reason == "error":
+                err_lines.append(_dumps(record))
+            data = current.data if isinstance(current.data, dict) else {}
+            yield {**data, **_flat(record)}
+
+    def write(tmp: str) -> None:
+        nonlocal written
+        writer = None
+        chunk: list[dict] = []
+        for record in records():
+            chunk.append(record)
+            if len(chunk) >= PARQUET_CHUNK:
+                writer = _write_chunk(pa, pq, writer, tmp, chunk)
+                written += len(chunk)
+                chunk = []
+        if chunk or writer is None:
+            writer = _write_chunk(pa, pq, writer, tmp, chunk)
+            written += len(chunk)
+        writer.close()
+
+    write_atomic(output, write)
+    _write_errors(errors, err_lines)
+    return written
+
+
+def _flat(record: dict) -> dict:
+    usage = record.pop("usage")
+    error = record.pop("error")
+    return {**record, "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "error_code": error["code"] if error else None,
+            "error_message": error["message"] if error else None}  # fmt: skip
+
+
+def _write_chunk(pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict]) -> Any:
+    if writer is None:
+        table = (
+            pa.Table.from_pylist(chunk) if chunk else pa.table({"id": pa.array([], pa.string())})
+        )
+        writer = pq.ParquetWriter(path, table.schema)
+    else:
+        table = pa.Table.from_pylist(chunk, schema=writer.schema)
+    writer.write_table(table)
+    return writer

@@ -1,0 +1,1 @@
+"""The pipeline stages: read, validate, render, plan, engine (each a function over records)."""

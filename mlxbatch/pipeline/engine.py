@@ -1,0 +1,289 @@
+"""The only module that touches MLX: load a model, then generate Tasks with mlx-lm's BatchGenerator.
+
+mlx and mlx_lm are imported inside functions, so `--help`, `validate` and `status` never pay
+for them. Decoding is mlx-lm's continuous batching; this module adds what a batch job needs
+around it: per-row seeded samplers whose draws do not depend on batch composition, stop
+strings, and recovery from a failing step (out of memory) by halving the batch down to single
+rows, where a row that still fails becomes an error record. Ordering and batch sizing are
+decided by the caller (pipeline/plan.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxbatch.records import Result, Task
+
+# Test hook: any decode step with more rows than this fails as if out of memory.
+INJECT_OOM_ENV = "MLXBATCH_INJECT_OOM_ROWS"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (missing, offline, unsupported)."""
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    peak_memory: int = 0
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class Engine:
+    """A loaded model and tokenizer, ready to generate batches of Tasks."""
+
+    def __init__(
+        self, model: str, *, adapter_path: str | None = None, dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):  # fmt: skip
+        import mlx.core as mx
+        from mlx_lm.utils import load
+
+        self.model_name = model
+        try:
+            self.model, self.tokenizer, self.config = load(
+                model, adapter_path=adapter_path, return_config=True,
+                tokenizer_config={"trust_remote_code": trust_remote_code},
+                trust_remote_code=trust_remote_code,
+            )  # fmt: skip
+        except Exception as e:  # hub, file-system and format errors all surface here
+            raise ModelLoadError(_load_hint(model, e)) from None
+        self.dtype = self._apply_dtype(dtype, mx)
+        self.identity = _model_identity(model, adapter_path, self.dtype, self.config)
+        self.eos_ids = sorted(self.tokenizer.eos_token_ids)
+        self.stats = EngineStats()
+
+    def _apply_dtype(self, dtype: str, mx: Any) -> str:
+        from mlx.utils import tree_flatten
+
+        if dtype == "auto" and mx.default_device() == mx.cpu:
+            dtype = "float32"  # bfloat16/float16 matmul is many times slower than float32 on CPU
+        if dtype != "auto":
+            self.model.set_dtype(getattr(mx, dtype))
+        params = tree_flatten(self.model.parameters())
+        floats = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
+        return _dtype_name(floats[0]) if floats else "unknown"
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.config.get("max_position_embeddings")
+        return int(value) if value else None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        layers = c.get("num_hidden_layers", 24)
+        heads = c.get("num_attention_heads", 16)
+        kv_heads = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or c.get("hidden_size", 1024) // heads
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * layers * kv_heads * head_dim * itemsize
+
+    def memory_budget(self) -> int:
+        """Bytes the KV caches may use: a share of device memory left after the weights."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        info = mx.device_info()
+        total = (
+            info.get("max_recommended_working_set_size")
+            or info.get("memory_size")
+            or info.get("total_memory")
+            or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        )
+        weights = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return max(64 << 20, int(0.6 * int(total)) - weights)
+
+    def generate(
+        self, tasks: list[Task], *, completion_batch_size: int, prefill_batch_size: int,
+        on_result: Callable[[Result], None], should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:  # fmt: skip
+        """Generate every task, calling `on_result` as each finishes, in finishing order.
+
+        A failing step halves the batch and retries the unfinished tasks; at one row, the
+        row in flight becomes an error record. Returns False if `should_stop` cut it short.
+        """
+        import mlx.core as mx
+
+        pending = list(tasks)
+        size = completion_batch_size
+        while pending:
+            run = _BatchRun(self, pending, size, min(prefill_batch_size, size), on_result)
+            try:
+                finished = run.drive(should_stop)
+            except (RuntimeError, MemoryError, ValueError) as e:
+                mx.clear_cache()
+                pending = [t for t in pending if t.key not in run.done]
+                if size > 1:
+                    size = max(1, size // 2)
+                    continue
+                failed, pending = pending[0], pending[1:]
+                code = "out_of_memory" if _is_oom(e) else "generation_error"
+                on_result(_error_result(failed, code, str(e)))
+                continue
+            finally:
+                run.close()
+                self.stats.peak_memory = max(self.stats.peak_memory, mx.get_peak_memory())
+            return finished
+        return True
+
+
+class _BatchRun:
+    """One BatchGenerator over a list of tasks; `drive` runs it until done or stopped."""
+
+    def __init__(self, engine: Engine, tasks: list[Task], completion: int, prefill: int,
+                 on_result: Callable[[Result], None]):  # fmt: skip
+        from mlx_lm.generate import BatchGenerator
+
+        self.engine, self.on_result = engine, on_result
+        self.limit = _injected_oom_limit()
+        self.done: set[str] = set()
+        self.gen = BatchGenerator(
+            engine.model, stop_tokens=[[e] for e in engine.eos_ids],
+            completion_batch_size=completion, prefill_batch_size=prefill,
+        )  # fmt: skip
+        uids = self.gen.insert(
+            [t.prompt_ids for t in tasks], max_tokens=[t.params.max_tokens for t in tasks],
+            samplers=[_sampler(t) for t in tasks],
+        )  # fmt: skip
+        self.tasks = dict(zip(uids, tasks))
+        self.tokens: dict[int, list[int]] = {u: [] for u in uids}
+        self.stops = {u: _StopWatch(t.params.stop, engine.tokenizer) for u, t in self.tasks.items()
+                      if t.params.stop}  # fmt: skip
+
+    def drive(self, should_stop: Callable[[], bool]) -> bool:
+        while self.tasks:
+            if should_stop():
+                return False
+            active = len(self.gen._generation_batch) if self.limit is not None else 0
+            if self.limit is not None and active > self.limit:
+                raise RuntimeError(f"[malloc] injected out of memory with {active} rows")
+            for r in self.gen.next_generated():
+                self._advance(r.uid, r.token, r.finish_reason)
+        return True
+
+    def _advance(self, uid: int, token: int, finish: str | None) -> None:
+        if uid not in self.tasks:
+            return
+        if finish != "stop":  # "stop" here means an EOS token, which is not part of the text
+            self.tokens[uid].append(token)
+        watch = self.stops.get(uid)
+        if finish is None and watch is not None and watch.hit(token):
+            self.gen.remove([uid])
+            finish = "stop"
+        if finish is not None:
+            self._finish(uid, finish)
+
+    def _finish(self, uid: int, finish: str) -> None:
+        task = self.tasks.pop(uid)
+        tokens = self.tokens.pop(uid)
+        text = self.engine.tokenizer.decode(tokens)
+        watch = self.stops.pop(uid, None)
+        if watch is not None:
+            cut = watch.cut(text)
+            if cut is not None:
+                text, finish = cut, "stop"
+        stats = self.engine.stats
+        stats.prompt_tokens += len(task.prompt_ids)
+        stats.generated_tokens += len(tokens)
+        self.done.add(task.key)
+        self.on_result(Result(
+            key=task.key, text=text, finish_reason=finish, prompt_tokens=len(task.prompt_ids),
+            completion_tokens=len(tokens), created=int(time.time()),
+        ))  # fmt: skip
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+class _StopWatch:
+    """Finds stop strings in a row's streamed text."""
+
+    def __init__(self, stops: tuple[str, ...], tokenizer: Any):
+        self.stops = stops
+        self.detok = tokenizer.detokenizer
+        self.longest = max(len(s) for s in stops)
+        self.checked = 0
+
+    def hit(self, token: int) -> bool:
+        self.detok.add_token(token)
+        text = self.detok.text
+        start = max(0, self.checked - self.longest)
+        self.checked = len(text)
+        return any(s in text[start:] for s in self.stops)
+
+    def cut(self, text: str) -> str | None:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return text[: min(found)] if found else None
+
+
+def _sampler(task: Task) -> Callable | None:
+    """None (the shared greedy sampler) at temperature 0; else a seeded per-row sampler."""
+    params = task.params
+    if params.temperature <= 0:
+        return None
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    material = f"{params.seed}:{task.id}:{task.sample_index}".encode()
+    state = [mx.random.key(int.from_bytes(hashlib.sha256(material).digest()[:8], "little"))]
+    inv_temp = 1.0 / params.temperature
+
+    # The key depends only on (seed, row id, sample index, step): batch-invariant draws.
+    def sample(logprobs: Any) -> Any:
+        keys = mx.random.split(state[0])
+        state[0] = keys[0]
+        if params.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, params.top_p)
+        return mx.random.categorical(logprobs * inv_temp, key=keys[1])
+
+    return sample
+
+
+def _injected_oom_limit() -> int | None:
+    value = os.environ.get(INJECT_OOM_ENV)
+    return int(value) if value else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "memory" in text or "alloc" in text
+
+
+def _error_result(task: Task, code: str, message: str) -> Result:
+    return Result(
+        key=task.key, finish_reason="error", prompt_tokens=len(task.prompt_ids),
+        error_code=code, error_message=message, created=int(time.time()),
+    )  # fmt: skip
+
+
+def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:
+    """Model name, config, weight files and adapter: what makes outputs of this model."""
+    parts: list[Any] = [model, dtype, json.dumps(config, sort_keys=True, default=str)]
+    path = Path(model)
+    if path.is_dir():
+        parts += sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+    if adapter:
+        for p in sorted(Path(adapter).glob("*")):
+            if p.is_file():
+                parts.append((p.name, hashlib.sha256(p.read_bytes()).hexdigest()))
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _load_hint(model: str, e: Exception) -> str:
+    name = type(e).__name__
+    if not Path(model).exists() and ("/" in model):
+        return (f"could not load model {model!r} ({name}: {e}). If this machine is offline, "
+                "download it first or pass a local model directory to --model.")  # fmt: skip
+    return f"could not load model {model!r} ({name}: {e})"

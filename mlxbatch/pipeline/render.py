@@ -1,0 +1,166 @@
+"""Turn Requests into keyed Tasks: sandboxed row templates, the model's chat template, token ids.
+
+Row templates run in Jinja's ImmutableSandboxedEnvironment with StrictUndefined: no access to
+Python internals, no file or network access, and a missing field is an error, not an empty
+string. Chat templates come only from the model's own tokenizer. Each Task gets a content key
+(see `task_key`) so the store can tell what is already done. No model is run here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mlxbatch.records import MESSAGES, OPENAI, PROMPT, TEMPLATE, GenParams, Request, Task
+
+
+class TemplateError(ValueError):
+    """A row template that does not compile or does not render."""
+
+
+@cache
+def _environment() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+    )
+
+
+@cache
+def compile_template(source: str) -> jinja2.Template:
+    try:
+        return _environment().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(
+            f"template syntax error: {e.message} (template line {e.lineno})"
+        ) from None
+
+
+def template_fields(source: str) -> frozenset[str]:
+    """The row fields a template reads (its undeclared top-level names)."""
+    try:
+        ast = _environment().parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(
+            f"template syntax error: {e.message} (template line {e.lineno})"
+        ) from None
+    return frozenset(jinja2.meta.find_undeclared_variables(ast))
+
+
+def render_text(source: str, fields: dict[str, Any]) -> str:
+    """Render a row template; sandbox violations and undefined names become TemplateError."""
+    try:
+        return compile_template(source).render(**fields)
+    except jinja2.exceptions.SecurityError as e:
+        raise TemplateError(f"template blocked by the sandbox: {e}") from None
+    except jinja2.UndefinedError as e:
+        raise TemplateError(f"template error: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"template error: {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise TemplateError(f"template error: {e}") from None
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    # Render to text, then encode: the chat template already holds the special tokens.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system is None or any(m["role"] in ("system", "developer") for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def prompt_token_ids(
+    request: Request, tokenizer: Any, *, template: str | None, system: str | None,
+    use_chat_template: bool = True,
+) -> list[int]:  # fmt: skip
+    """The prompt's token ids, exactly as the model will see them."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    messages = request.messages
+    if request.kind == TEMPLATE:
+        assert template is not None
+        text = render_text(template, request.fields or {})
+        if not (use_chat_template and has_chat):
+            text = f"{system}\n\n{text}" if system else text
+            return list(tokenizer.encode(text))
+        messages = [{"role": "user", "content": text}]
+    if request.kind in (MESSAGES, OPENAI) and messages is not None:
+        if not has_chat:
+            raise TemplateError("the model has no chat template; give 'prompt' rows instead")
+        return _chat_ids(tokenizer, _with_system(messages, system))
+    if request.kind in (PROMPT, OPENAI) and request.prompt is not None:
+        return list(tokenizer.encode(request.prompt))
+    if messages is not None:
+        return _chat_ids(tokenizer, _with_system(messages, system))
+    raise TemplateError("row has nothing to generate from")
+
+
+def task_key(
+    model_identity: str, prompt_ids: list[int], params: GenParams, sample_index: int
+) -> str:
+    """Content key of one sample: same key, same result, so the store can skip it."""
+    sampling = params.temperature > 0
+    payload = [
+        model_identity,
+        prompt_ids,
+        params.max_tokens,
+        params.temperature,
+        params.top_p if sampling else 1.0,
+        list(params.stop),
+        # A seed changes nothing under greedy decoding, so it stays out of the key then.
+        params.seed if sampling else None,
+        sample_index if sampling else None,
+        None,  # constraint
+    ]
+    blob = json.dumps(payload, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def render_tasks(
+    requests: Iterable[Request], tokenizer: Any, *, model_identity: str, template: str | None,
+    system: str | None, use_chat_template: bool, first_seq: int = 0,
+) -> list[Task]:  # fmt: skip
+    """One Task per request and sample, numbered from `first_seq` in output order."""
+    tasks: list[Task] = []
+    seq = first_seq
+    for request in requests:
+        error = request.error
+        ids: list[int] = []
+        if error is None:
+            try:
+                ids = prompt_token_ids(
+                    request, tokenizer, template=template, system=system,
+                    use_chat_template=use_chat_template,
+                )  # fmt: skip
+            except (TemplateError, jinja2.TemplateError, ValueError) as e:
+                error = ("render_error", str(e))
+        for sample in range(request.params.n):
+            key = task_key(model_identity, ids, request.params, sample)
+            if error is not None:
+                # Failed rows still need distinct keys; their error is not cached as a result.
+                key = hashlib.sha256(f"{key}:{request.line}:{error}".encode()).hexdigest()
+            tasks.append(
+                Task(
+                    key=key,
+                    seq=seq,
+                    line=request.line,
+                    id=request.id,
+                    sample_index=sample,
+                    prompt_ids=ids,
+                    params=request.params,
+                    custom_id=request.custom_id,
+                    url=request.url,
+                    error=error,
+                )  # fmt: skip
+            )
+            seq += 1
+    return tasks

@@ -1,0 +1,256 @@
+"""Check rows against the shipped record schemas (and a user's schema) and turn them into Requests.
+
+Every problem is collected, not just the first, each as `file:line: message (at $.path)`.
+Problems that make a row unusable (bad JSON, schema violations, duplicate ids, template fields
+missing) are input problems, found before any model loads. A row that is well-formed but asks
+for something mlxbatch does not do (an unknown parameter) becomes a Request carrying `error`,
+so it turns into an error record and the run goes on. Rendering and tokenizing live elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jsonschema
+
+from mlxbatch.records import (
+    MESSAGES,
+    OPENAI,
+    PROMPT,
+    TEMPLATE,
+    GenParams,
+    Problem,
+    Request,
+    SourceRow,
+)
+from mlxbatch.schemas import load_schema
+
+PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
+ID_FIELDS = ("custom_id", "id")
+ROW_FIELDS = {"prompt", "messages", "metadata", "max_completion_tokens", *PARAM_FIELDS, *ID_FIELDS}
+OPENAI_BODY_FIELDS = {"model", "messages", "prompt", "user", "max_completion_tokens", *PARAM_FIELDS}
+OPENAI_URLS = {"/v1/chat/completions": MESSAGES, "/v1/completions": PROMPT}
+
+
+@dataclass
+class ValidationContext:
+    file: str
+    kind: str  # OPENAI, TEMPLATE, or PROMPT (prompt or messages, per row)
+    defaults: GenParams
+    id_field: str | None = None
+    template_fields: frozenset[str] = frozenset()
+    user_schema: dict | None = None
+    max_problems: int = 50
+    problems: list[Problem] = field(default_factory=list)
+    total_problems: int = 0
+
+    def report(self, problem: Problem) -> None:
+        self.total_problems += 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append(problem)
+
+
+def detect_kind(first: Any, input_format: str, has_template: bool) -> str:
+    """The row kind of a file: from --input-format, --template, or its first row."""
+    if input_format == "openai":
+        return OPENAI
+    if input_format == "rows" or has_template:
+        return TEMPLATE
+    if input_format in (PROMPT, MESSAGES):
+        return PROMPT
+    if isinstance(first, dict) and "body" in first and "url" in first:
+        return OPENAI
+    return PROMPT
+
+
+@dataclass
+class _Validators:
+    by_kind: dict[str, jsonschema.Draft202012Validator]
+    user: jsonschema.Draft202012Validator | None
+
+
+def _validators(user_schema: dict | None) -> _Validators:
+    root = load_schema("record")
+    defs = {"prompt": "prompt_row", "messages": "messages_row", "template": "template_row"}
+    base = {k: v for k, v in root.items() if k != "oneOf"}
+    by_kind = {
+        kind: jsonschema.Draft202012Validator({**base, "$ref": f"#/$defs/{name}"})
+        for kind, name in {**defs, OPENAI: "openai_envelope"}.items()
+    }
+    user = jsonschema.Draft202012Validator(user_schema) if user_schema else None
+    return _Validators(by_kind, user)
+
+
+def validate_rows(rows: Iterable[SourceRow], ctx: ValidationContext) -> Iterator[Request]:
+    """Yield a Request for every good row; report every problem into `ctx`."""
+    validators = _validators(ctx.user_schema)
+    seen_ids: dict[str, int] = {}
+    for row in rows:
+        request = _validate_row(row, ctx, validators)
+        if request is None:
+            continue
+        id_key = str(request.id)
+        first = seen_ids.setdefault(id_key, row.line)
+        if first != row.line:
+            where = "$.custom_id" if request.custom_id is not None else f"$.{_id_source(ctx)}"
+            ctx.report(
+                Problem(
+                    ctx.file, row.line, f"duplicate id {id_key!r} (first at line {first})", where
+                )
+            )
+            continue
+        yield request
+
+
+def _id_source(ctx: ValidationContext) -> str:
+    return ctx.id_field or "id"
+
+
+def _validate_row(row: SourceRow, ctx: ValidationContext, v: _Validators) -> Request | None:
+    report = ctx.report
+    if row.error is not None:
+        report(Problem(ctx.file, row.line, row.error))
+        return None
+    data = row.data
+    if not isinstance(data, dict):
+        report(Problem(ctx.file, row.line, f"expected a JSON object, got {_json_type(data)}"))
+        return None
+    kind = ctx.kind
+    if kind == PROMPT:
+        if "messages" in data:
+            kind = MESSAGES
+        elif "prompt" not in data:
+            report(
+                Problem(
+                    ctx.file,
+                    row.line,
+                    "row has neither 'prompt' nor 'messages' (pass --template to render other rows)",
+                )
+            )
+            return None
+    errors = list(v.by_kind[kind].iter_errors(data))
+    if v.user is not None:
+        errors += list(v.user.iter_errors(data))
+    for e in sorted(errors, key=lambda e: e.json_path):
+        report(Problem(ctx.file, row.line, _message(e), e.json_path))
+    if kind == TEMPLATE and _check_template_fields(data, row.line, ctx):
+        return None
+    if errors:
+        return None
+    return _to_request(kind, data, row.line, ctx)
+
+
+def _message(e: jsonschema.ValidationError) -> str:
+    # oneOf failures say little; the best-matching branch says what is wrong.
+    if e.validator == "oneOf" and e.context:
+        return jsonschema.exceptions.best_match(e.context).message
+    return e.message
+
+
+def _check_template_fields(data: dict, line: int, ctx: ValidationContext) -> list[Problem]:
+    found = []
+    for name in sorted(ctx.template_fields):
+        if name not in data:
+            found.append(
+                Problem(
+                    ctx.file, line, f"row has no field {name!r} used by the template", f"$.{name}"
+                )
+            )
+        elif data[name] is None:
+            found.append(
+                Problem(ctx.file, line, f"field {name!r} used by the template is null", f"$.{name}")
+            )
+        elif isinstance(data[name], (dict, list)):
+            found.append(
+                Problem(
+                    ctx.file,
+                    line,
+                    f"field {name!r} used by the template is a nested {_json_type(data[name])}; templates take strings and numbers",
+                    f"$.{name}",
+                )
+            )
+    for p in found:
+        ctx.report(p)
+    return found
+
+
+def _json_type(value: Any) -> str:
+    names: dict[type, str] = {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _params(source: dict, defaults: GenParams) -> GenParams:
+    values: dict[str, Any] = {k: source[k] for k in PARAM_FIELDS if k in source}
+    if "max_completion_tokens" in source:
+        values["max_tokens"] = source["max_completion_tokens"]
+    if isinstance(values.get("stop"), str):
+        values["stop"] = (values["stop"],)
+    elif "stop" in values:
+        values["stop"] = tuple(values["stop"])
+    return replace(defaults, **values)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def _messages(raw: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": _text(m["content"])} for m in raw]
+
+
+def _row_id(data: dict, line: int, ctx: ValidationContext) -> tuple[Any, str | None]:
+    if ctx.id_field and data.get(ctx.id_field) is not None:
+        return data[ctx.id_field], None
+    if data.get("custom_id") is not None:
+        return data["custom_id"], str(data["custom_id"])
+    if data.get("id") is not None:
+        return data["id"], None
+    return line, None
+
+
+def _unknown(keys: Iterable[str], allowed: set[str]) -> tuple[str, str] | None:
+    extra = sorted(k for k in keys if k not in allowed)
+    if not extra:
+        return None
+    return ("unsupported_parameter", f"unsupported parameter(s): {', '.join(extra)}")
+
+
+def _to_request(kind: str, data: dict, line: int, ctx: ValidationContext) -> Request:
+    if kind == OPENAI:
+        body = data["body"]
+        row_kind = OPENAI_URLS[data["url"]]
+        return Request(
+            line=line, id=data["custom_id"], custom_id=data["custom_id"], kind=OPENAI,
+            params=_params(body, ctx.defaults), url=data["url"],
+            prompt=body.get("prompt") if row_kind == PROMPT else None,
+            messages=_messages(body["messages"]) if row_kind == MESSAGES else None,
+            error=_unknown(body, OPENAI_BODY_FIELDS),
+        )  # fmt: skip
+    row_id, custom_id = _row_id(data, line, ctx)
+    if kind == TEMPLATE:
+        return Request(
+            line=line,
+            id=row_id,
+            custom_id=custom_id,
+            kind=TEMPLATE,
+            params=ctx.defaults,
+            fields=data,
+        )
+    allowed = ROW_FIELDS | ({ctx.id_field} if ctx.id_field else set())
+    return Request(
+        line=line, id=row_id, custom_id=custom_id, kind=kind, params=_params(data, ctx.defaults),
+        prompt=data.get("prompt") if kind == PROMPT else None,
+        messages=_messages(data["messages"]) if kind == MESSAGES else None,
+        error=_unknown(data, allowed),
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that need a real, loadable model without a download."""
