@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random-weight model on disk, loaded through mlx_lm's real path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlxbatch.testing.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny Llama model directory (config, safetensors, BPE tokenizer, chat template)."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def short_context_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Like tiny_model, with a 64-token context, for context-length errors."""
+    path = tmp_path_factory.mktemp("models") / "short"
+    return str(build_tiny_model(path, max_position_embeddings=64))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
