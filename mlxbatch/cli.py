@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +27,34 @@ EXIT_INPUT = 1
 def _input_options(f: Callable) -> Callable:
     options = [
         click.argument("input", required=False, type=click.Path(dir_okay=True)),
-        click.option("--job", "job_file", type=click.Path(), help="Job file (YAML or JSON) holding any of these options; flags override it."),
-        click.option("--template", help="Jinja template rendered over each row's fields, e.g. 'Review: {{ text }}'."),
+        click.option(
+            "--job",
+            "job_file",
+            type=click.Path(),
+            help="Job file (YAML or JSON) holding any of these options; flags override it.",
+        ),
+        click.option(
+            "--template",
+            help="Jinja template rendered over each row's fields, e.g. 'Review: {{ text }}'.",
+        ),
         click.option("--system", help="System prompt added to chat prompts."),
-        click.option("--input-format", type=click.Choice(["auto", "prompt", "messages", "openai", "rows"]), default="auto", show_default=True, help="Row kind; 'auto' detects it from the file."),
-        click.option("--input-schema", type=click.Path(), help="JSON schema every input row must also satisfy."),
-        click.option("--id-field", help="Row field holding each row's id (default: custom_id, id, else the line number)."),
-    ]  # fmt: skip
+        click.option(
+            "--input-format",
+            type=click.Choice(["auto", "prompt", "messages", "openai", "rows"]),
+            default="auto",
+            show_default=True,
+            help="Row kind; 'auto' detects it from the file.",
+        ),
+        click.option(
+            "--input-schema",
+            type=click.Path(),
+            help="JSON schema every input row must also satisfy.",
+        ),
+        click.option(
+            "--id-field",
+            help="Row field holding each row's id (default: custom_id, id, else the line number).",
+        ),
+    ]
     for option in reversed(options):
         f = option(f)
     return f
@@ -42,26 +62,110 @@ def _input_options(f: Callable) -> Callable:
 
 def _generation_options(f: Callable) -> Callable:
     options = [
-        click.option("-o", "--output", type=click.Path(), help="Output file, .jsonl or .parquet  [default: <input>.out.jsonl]"),
-        click.option("--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"),
-        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Local model directory or Hugging Face repo id."),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(),
+            help="Output file, .jsonl or .parquet  [default: <input>.out.jsonl]",
+        ),
+        click.option(
+            "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
+        ),
+        click.option(
+            "-m",
+            "--model",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            help="Local model directory or Hugging Face repo id.",
+        ),
         click.option("--adapter-path", type=click.Path(), help="LoRA adapter directory."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Weights dtype; auto = float32 on CPU, the model's own on GPU."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the tokenizer to run code from the model repo."),
-        click.option("--chat-template/--no-chat-template", default=True, show_default=True, help="Apply the model's chat template to --template rows."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most tokens to generate per row."),
-        click.option("--temperature", type=click.FloatRange(0, 10), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Job seed; a row's draws depend only on it, the row id and sample index."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            default="auto",
+            show_default=True,
+            help="Weights dtype; auto = float32 on CPU, the model's own on GPU.",
+        ),
+        click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            help="Allow the tokenizer to run code from the model repo.",
+        ),
+        click.option(
+            "--chat-template/--no-chat-template",
+            default=True,
+            show_default=True,
+            help="Apply the model's chat template to --template rows.",
+        ),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=256,
+            show_default=True,
+            help="Most tokens to generate per row.",
+        ),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(0, 10),
+            default=0.0,
+            show_default=True,
+            help="Sampling temperature; 0 is greedy.",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Nucleus sampling mass.",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Job seed; a row's draws depend only on it, the row id and sample index.",
+        ),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("-n", "--n", "n", type=click.IntRange(1, 1024), default=1, show_default=True, help="Samples per row."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Most rows decoded together  [default: chosen from memory]"),
-        click.option("--window", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows read and length-sorted at a time."),
-        click.option("--checkpoint-every", type=click.FloatRange(min=0), default=300.0, show_default=True, help="Seconds between re-exports of the output during a run."),
-        click.option("--fresh", is_flag=True, help="Ignore stored results (a damaged store is moved aside)."),
-        click.option("--max-errors", type=click.IntRange(min=0), default=0, show_default=True, help="Failed rows tolerated before the exit code is 1."),
+        click.option(
+            "-n",
+            "--n",
+            "n",
+            type=click.IntRange(1, 1024),
+            default=1,
+            show_default=True,
+            help="Samples per row.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="Most rows decoded together  [default: chosen from memory]",
+        ),
+        click.option(
+            "--window",
+            type=click.IntRange(min=1),
+            default=10_000,
+            show_default=True,
+            help="Rows read and length-sorted at a time.",
+        ),
+        click.option(
+            "--checkpoint-every",
+            type=click.FloatRange(min=0),
+            default=300.0,
+            show_default=True,
+            help="Seconds between re-exports of the output during a run.",
+        ),
+        click.option(
+            "--fresh", is_flag=True, help="Ignore stored results (a damaged store is moved aside)."
+        ),
+        click.option(
+            "--max-errors",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Failed rows tolerated before the exit code is 1.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
-    ]  # fmt: skip
+    ]
     for option in reversed(options):
         f = option(f)
     return f
@@ -73,8 +177,9 @@ def _spec(ctx: click.Context, params: dict[str, Any]) -> JobSpec:
     job = {}
     if job_file:
         job = load_job_file(job_file)
-    typed = {k: v for k, v in params.items()
-             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}  # fmt: skip
+    typed = {
+        k: v for k, v in params.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT
+    }
     defaults = {k: v for k, v in params.items() if k not in typed}
     spec = build_spec({**defaults, **job}, typed)
     if not spec.input:
@@ -139,8 +244,11 @@ def process(ctx: click.Context, **params: Any) -> None:
     if summary.signal is not None:
         ctx.exit(128 + summary.signal)
     if summary.failed > spec.max_errors:
-        click.echo(f"Error: {summary.failed} row(s) failed (--max-errors {spec.max_errors}); "
-                   f"see {spec.errors_path}", err=True)  # fmt: skip
+        click.echo(
+            f"Error: {summary.failed} row(s) failed (--max-errors {spec.max_errors}); "
+            f"see {spec.errors_path}",
+            err=True,
+        )
         ctx.exit(EXIT_INPUT)
 
 
@@ -194,8 +302,10 @@ def status(output: str, store: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"store": path, **counts, "last_run": run}, indent=2, default=str))
         return
     click.echo(f"store: {path}")
-    click.echo(f"rows: {counts['rows']} total, {counts['done']} done, {counts['failed']} failed, "
-               f"{counts['pending']} pending")  # fmt: skip
+    click.echo(
+        f"rows: {counts['rows']} total, {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['pending']} pending"
+    )
     click.echo(f"tokens: {counts['prompt_tokens']} prompt, {counts['completion_tokens']} generated")
     if run:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
@@ -203,8 +313,10 @@ def status(output: str, store: str | None, as_json: bool) -> None:
         click.echo(f"last run: #{run['run_id']} {run['status']}, started {when}, pid {run['pid']}")
         click.echo(f"model: {run['model']} ({run['model_identity']})")
         if stats:
-            click.echo(f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
-                       f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB")  # fmt: skip
+            click.echo(
+                f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
+                f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB"
+            )
 
 
 @cli.command()
@@ -242,4 +354,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -16,11 +16,31 @@ from mlxbatch.cli import cli
 from mlxbatch.schemas import load_schema
 from tests.conftest import read_jsonl, write_jsonl
 
-WORDS = "the cat sat on a mat while an old robot counts green apples near the station".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "an",
+    "old",
+    "robot",
+    "counts",
+    "green",
+    "apples",
+    "near",
+    "the",
+    "station",
+]
 
 
 def prompts(n: int, start: int = 0) -> list[dict]:
-    return [{"id": f"r{i}", "prompt": f"{i}: " + " ".join(WORDS[: 2 + (i * 5) % 13])} for i in range(start, start + n)]
+    return [
+        {"id": f"r{i}", "prompt": f"{i}: " + " ".join(WORDS[: 2 + (i * 5) % 13])}
+        for i in range(start, start + n)
+    ]
 
 
 def process(*args: str, env: dict | None = None):
@@ -34,12 +54,17 @@ def generated_count(summary: str) -> tuple[int, int]:
 
 
 def test_outputs_in_input_order_and_valid(tmp_path, tiny_model):
-    f = write_jsonl(tmp_path / "p.jsonl", prompts(12) + [{"id": "chat", "messages": [{"role": "user", "content": "hi"}]}])
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        prompts(12) + [{"id": "chat", "messages": [{"role": "user", "content": "hi"}]}],
+    )
     result = process(str(f), "-m", tiny_model, "--max-tokens", "6")
     assert result.exit_code == 0, result.output
     assert re.fullmatch(
         r"mlxbatch: done: 13 ok \(0 cached\), 0 failed of 13 rows; \d+ prompt \+ 78 generated tokens; "
-        r"[\d.]+ tok/s; [\d.]+ s; peak memory \d+ MiB -> " + re.escape(str(tmp_path / "p.out.jsonl")) + "\n",
+        r"[\d.]+ tok/s; [\d.]+ s; peak memory \d+ MiB -> "
+        + re.escape(str(tmp_path / "p.out.jsonl"))
+        + "\n",
         result.stderr,
     )
     out = read_jsonl(tmp_path / "p.out.jsonl")
@@ -79,7 +104,12 @@ def test_batch_size_does_not_change_greedy_output(tmp_path, tiny_model):
     outs = []
     for size in ("1", "4", "16"):
         o = tmp_path / f"o{size}.jsonl"
-        assert process(str(f), "-m", tiny_model, "--max-tokens", "8", "--batch-size", size, "-o", str(o)).exit_code == 0
+        assert (
+            process(
+                str(f), "-m", tiny_model, "--max-tokens", "8", "--batch-size", size, "-o", str(o)
+            ).exit_code
+            == 0
+        )
         outs.append([r["output"] for r in read_jsonl(o)])
     assert outs[0] == outs[1] == outs[2]
     assert len(set(outs[0])) > 1
@@ -90,14 +120,50 @@ def test_seeded_sampling_is_batch_invariant_and_n_samples(tmp_path, tiny_model):
     outs = []
     for size in ("1", "8"):
         o = tmp_path / f"s{size}.jsonl"
-        args = [str(f), "-m", tiny_model, "--max-tokens", "8", "--temperature", "1.0", "-n", "3", "--batch-size", size, "-o", str(o)]
+        args = [
+            str(f),
+            "-m",
+            tiny_model,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1.0",
+            "-n",
+            "3",
+            "--batch-size",
+            size,
+            "-o",
+            str(o),
+        ]
         assert process(*args).exit_code == 0
         outs.append(read_jsonl(o))
     assert outs[0] == outs[1]
-    assert [(r["id"], r["sample_index"]) for r in outs[0]][:4] == [("r0", 0), ("r0", 1), ("r0", 2), ("r1", 0)]
+    assert [(r["id"], r["sample_index"]) for r in outs[0]][:4] == [
+        ("r0", 0),
+        ("r0", 1),
+        ("r0", 2),
+        ("r1", 0),
+    ]
     assert len({r["output"] for r in outs[0][:3]}) == 3
     other_seed = tmp_path / "seed1.jsonl"
-    assert process(str(f), "-m", tiny_model, "--max-tokens", "8", "--temperature", "1.0", "-n", "3", "--seed", "1", "-o", str(other_seed)).exit_code == 0
+    assert (
+        process(
+            str(f),
+            "-m",
+            tiny_model,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1.0",
+            "-n",
+            "3",
+            "--seed",
+            "1",
+            "-o",
+            str(other_seed),
+        ).exit_code
+        == 0
+    )
     assert [r["output"] for r in read_jsonl(other_seed)] != [r["output"] for r in outs[0]]
 
 
@@ -108,8 +174,13 @@ def test_stop_strings_end_rows(tmp_path, tiny_model):
     texts = [r["output"] for r in read_jsonl(base)]
     stop = next(t[len(t) // 2] for t in texts if t.strip())
     stopped = tmp_path / "stopped.jsonl"
-    assert process(str(f), "-m", tiny_model, "--max-tokens", "12", "--stop", stop, "-o", str(stopped)).exit_code == 0
-    for full, record in zip(texts, read_jsonl(stopped)):
+    assert (
+        process(
+            str(f), "-m", tiny_model, "--max-tokens", "12", "--stop", stop, "-o", str(stopped)
+        ).exit_code
+        == 0
+    )
+    for full, record in zip(texts, read_jsonl(stopped), strict=False):
         if stop in full:
             assert record["output"] == full[: full.index(stop)]
             assert record["finish_reason"] == "stop"
@@ -131,8 +202,11 @@ def test_runtime_row_errors_are_records(tmp_path, short_context_model):
     assert "4 failed of 5 rows" in result.stderr
     out = read_jsonl(tmp_path / "p.out.jsonl")
     assert [(r["id"], r["error"]["code"] if r["error"] else None) for r in out] == [
-        ("ok", None), ("long", "context_length_exceeded"), ("huge-max", "max_tokens_too_large"),
-        ("typo", "unsupported_parameter"), ("empty", "empty_prompt"),
+        ("ok", None),
+        ("long", "context_length_exceeded"),
+        ("huge-max", "max_tokens_too_large"),
+        ("typo", "unsupported_parameter"),
+        ("empty", "empty_prompt"),
     ]
     assert out[3]["error"]["message"] == "unsupported parameter(s): temprature"
     errors = read_jsonl(tmp_path / "p.out.jsonl.errors.jsonl")
@@ -142,16 +216,42 @@ def test_runtime_row_errors_are_records(tmp_path, short_context_model):
 
 
 def test_template_rows_from_parquet_to_parquet(tmp_path, tiny_model):
-    table = pa.table({"review_id": [10, 11, 12], "text": ["great phone", "bad battery", "fine"], "stars": [5, 1, 3]})
+    table = pa.table(
+        {
+            "review_id": [10, 11, 12],
+            "text": ["great phone", "bad battery", "fine"],
+            "stars": [5, 1, 3],
+        }
+    )
     src = tmp_path / "reviews.parquet"
     pq.write_table(table, src)
     out = tmp_path / "labels.parquet"
-    result = process(str(src), "-m", tiny_model, "--template", "Review: {{ text }} ({{ stars }} stars)",
-                     "--system", "Label the sentiment.", "--id-field", "review_id", "--max-tokens", "3", "-o", str(out))
+    result = process(
+        str(src),
+        "-m",
+        tiny_model,
+        "--template",
+        "Review: {{ text }} ({{ stars }} stars)",
+        "--system",
+        "Label the sentiment.",
+        "--id-field",
+        "review_id",
+        "--max-tokens",
+        "3",
+        "-o",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     got = pq.read_table(out).to_pylist()
-    assert [(r["review_id"], r["text"], r["stars"], r["id"]) for r in got] == [(10, "great phone", 5, 10), (11, "bad battery", 1, 11), (12, "fine", 3, 12)]
-    assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 3 and r["error_code"] is None for r in got)
+    assert [(r["review_id"], r["text"], r["stars"], r["id"]) for r in got] == [
+        (10, "great phone", 5, 10),
+        (11, "bad battery", 1, 11),
+        (12, "fine", 3, 12),
+    ]
+    assert all(
+        r["finish_reason"] == "length" and r["completion_tokens"] == 3 and r["error_code"] is None
+        for r in got
+    )
 
 
 def test_parquet_missing_template_column(tmp_path, tiny_model):
@@ -159,16 +259,36 @@ def test_parquet_missing_template_column(tmp_path, tiny_model):
     pq.write_table(pa.table({"body": ["x"]}), src)
     result = process(str(src), "-m", tiny_model, "--template", "{{ text }}")
     assert result.exit_code == 1
-    assert result.stderr.splitlines()[0] == f"{src}: column(s) 'text' used by the template are missing"
+    assert (
+        result.stderr.splitlines()[0] == f"{src}: column(s) 'text' used by the template are missing"
+    )
     assert not (tmp_path / "r.out.jsonl").exists()
 
 
 def test_openai_batch_in_openai_batch_out(tmp_path, tiny_model):
     def line(cid, **body):
-        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "local", "messages": [{"role": "user", "content": f"say {cid}"}], **body}}
-    rows = [line("a", max_tokens=3), line("b", max_completion_tokens=2, n=2, temperature=0.7),
-            line("c", tools=[]), {"custom_id": "d", "method": "POST", "url": "/v1/completions", "body": {"prompt": "once upon", "max_tokens": 2}}]
+        return {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "local",
+                "messages": [{"role": "user", "content": f"say {cid}"}],
+                **body,
+            },
+        }
+
+    rows = [
+        line("a", max_tokens=3),
+        line("b", max_completion_tokens=2, n=2, temperature=0.7),
+        line("c", tools=[]),
+        {
+            "custom_id": "d",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "once upon", "max_tokens": 2},
+        },
+    ]
     f = write_jsonl(tmp_path / "batch.jsonl", rows)
     result = process(str(f), "-m", tiny_model, "--max-errors", "1")
     assert result.exit_code == 0, result.output
@@ -181,8 +301,14 @@ def test_openai_batch_in_openai_batch_out(tmp_path, tiny_model):
     assert a["response"]["body"]["object"] == "chat.completion"
     assert a["response"]["body"]["usage"]["completion_tokens"] == 3
     assert [ch["index"] for ch in b["response"]["body"]["choices"]] == [0, 1]
-    assert c["response"] is None and c["error"] == {"code": "unsupported_parameter", "message": "unsupported parameter(s): tools"}
-    assert d["response"]["body"]["object"] == "text_completion" and "text" in d["response"]["body"]["choices"][0]
+    assert c["response"] is None and c["error"] == {
+        "code": "unsupported_parameter",
+        "message": "unsupported parameter(s): tools",
+    }
+    assert (
+        d["response"]["body"]["object"] == "text_completion"
+        and "text" in d["response"]["body"]["choices"][0]
+    )
     assert [r["custom_id"] for r in read_jsonl(tmp_path / "batch.out.jsonl.errors.jsonl")] == ["c"]
 
 
@@ -198,7 +324,10 @@ def test_missing_output_directory_is_an_input_problem(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "p.jsonl", prompts(1))
     result = process(str(f), "-m", tiny_model, "-o", str(tmp_path / "nope" / "o.jsonl"))
     assert result.exit_code == 1
-    assert result.stderr.splitlines()[0] == f"{tmp_path / 'nope' / 'o.jsonl'}: output directory {tmp_path / 'nope'} does not exist"
+    assert (
+        result.stderr.splitlines()[0]
+        == f"{tmp_path / 'nope' / 'o.jsonl'}: output directory {tmp_path / 'nope'} does not exist"
+    )
 
 
 def test_unknown_model_fails_cleanly(tmp_path):
@@ -214,7 +343,9 @@ def test_damaged_store_is_reported_and_fresh_recovers(tmp_path, tiny_model):
     store.write_bytes(b"this is not a database" * 100)
     result = process(str(f), "-m", tiny_model, "--max-tokens", "2")
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {store}: the store is damaged (file is not a database); run again with --fresh")
+    assert result.stderr.startswith(
+        f"Error: {store}: the store is damaged (file is not a database); run again with --fresh"
+    )
     assert process(str(f), "-m", tiny_model, "--max-tokens", "2", "--fresh").exit_code == 0
     assert len(list(tmp_path.glob("p.out.jsonl.mlxbatch.sqlite.corrupt-*"))) == 1
     assert sqlite3.connect(store).execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
@@ -223,13 +354,38 @@ def test_damaged_store_is_reported_and_fresh_recovers(tmp_path, tiny_model):
 def test_injected_oom_splits_batches_then_fails_single_rows(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "p.jsonl", prompts(8))
     base = tmp_path / "base.jsonl"
-    assert process(str(f), "-m", tiny_model, "--max-tokens", "5", "--batch-size", "8", "-o", str(base)).exit_code == 0
+    assert (
+        process(
+            str(f), "-m", tiny_model, "--max-tokens", "5", "--batch-size", "8", "-o", str(base)
+        ).exit_code
+        == 0
+    )
     split = tmp_path / "split.jsonl"
-    result = process(str(f), "-m", tiny_model, "--max-tokens", "5", "--batch-size", "8", "-o", str(split), env={"MLXBATCH_INJECT_OOM_ROWS": "2"})
+    result = process(
+        str(f),
+        "-m",
+        tiny_model,
+        "--max-tokens",
+        "5",
+        "--batch-size",
+        "8",
+        "-o",
+        str(split),
+        env={"MLXBATCH_INJECT_OOM_ROWS": "2"},
+    )
     assert result.exit_code == 0, result.output
     assert split.read_bytes() == base.read_bytes()
     dead = tmp_path / "dead.jsonl"
-    result = process(str(f), "-m", tiny_model, "--max-tokens", "5", "-o", str(dead), env={"MLXBATCH_INJECT_OOM_ROWS": "0"})
+    result = process(
+        str(f),
+        "-m",
+        tiny_model,
+        "--max-tokens",
+        "5",
+        "-o",
+        str(dead),
+        env={"MLXBATCH_INJECT_OOM_ROWS": "0"},
+    )
     assert result.exit_code == 1
     assert {r["error"]["code"] for r in read_jsonl(dead)} == {"out_of_memory"}
 
@@ -237,10 +393,17 @@ def test_injected_oom_splits_batches_then_fails_single_rows(tmp_path, tiny_model
 def test_job_file_with_flag_override(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}, {"text": "b"}])
     job = tmp_path / "job.yaml"
-    job.write_text(f"input: {f}\nmodel: {tiny_model}\ntemplate: 'Say {{{{ text }}}}'\nmax_tokens: 2\n")
-    result = CliRunner().invoke(cli, ["process", "--job", str(job), "--max-tokens", "3"], catch_exceptions=False)
+    job.write_text(
+        f"input: {f}\nmodel: {tiny_model}\ntemplate: 'Say {{{{ text }}}}'\nmax_tokens: 2\n"
+    )
+    result = CliRunner().invoke(
+        cli, ["process", "--job", str(job), "--max-tokens", "3"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
-    assert [r["usage"]["completion_tokens"] for r in read_jsonl(tmp_path / "rows.out.jsonl")] == [3, 3]
+    assert [r["usage"]["completion_tokens"] for r in read_jsonl(tmp_path / "rows.out.jsonl")] == [
+        3,
+        3,
+    ]
 
 
 def test_status_and_export(tmp_path, tiny_model):
@@ -250,8 +413,11 @@ def test_status_and_export(tmp_path, tiny_model):
     result = CliRunner().invoke(cli, ["status", str(out)])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[:3] == [f"store: {out}.mlxbatch.sqlite", "rows: 3 total, 3 done, 0 failed, 0 pending",
-                         f"tokens: {sum(len(p['prompt'].split()) for p in prompts(3)) and lines[2].split()[1]} prompt, 6 generated"]
+    assert lines[:3] == [
+        f"store: {out}.mlxbatch.sqlite",
+        "rows: 3 total, 3 done, 0 failed, 0 pending",
+        f"tokens: {sum(len(p['prompt'].split()) for p in prompts(3)) and lines[2].split()[1]} prompt, 6 generated",
+    ]
     assert re.fullmatch(r"last run: #1 completed, started [\d-]+ [\d:]+, pid \d+", lines[3])
     data = json.loads(CliRunner().invoke(cli, ["status", str(out), "--json"]).stdout)
     assert (data["rows"], data["done"], data["last_run"]["status"]) == (3, 3, "completed")

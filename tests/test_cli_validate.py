@@ -18,7 +18,9 @@ def run(*args: str):
 
 
 def test_valid_file_reports_rows(tmp_path):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}])
+    f = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}]
+    )
     result = run("validate", str(f))
     assert result.exit_code == 0
     assert result.stdout == f"{f}: 2 rows OK (prompt rows, 2 tasks)\n"
@@ -85,8 +87,12 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_openai_envelope_problems(tmp_path):
-    good = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+    good = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
     rows = [
         good,
         {**good, "custom_id": "r2", "url": "/v1/embeddings"},
@@ -107,7 +113,10 @@ def test_openai_envelope_problems(tmp_path):
 
 
 def test_template_rows_need_their_fields(tmp_path):
-    f = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good"}, {"title": "x"}, {"text": None}, {"text": {"a": 1}}])
+    f = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"text": "good"}, {"title": "x"}, {"text": None}, {"text": {"a": 1}}],
+    )
     result = run("validate", str(f), "--template", "Review: {{ text }}")
     assert result.exit_code == 1
     assert result.stderr.splitlines()[:3] == [
@@ -119,19 +128,29 @@ def test_template_rows_need_their_fields(tmp_path):
 
 def test_user_schema_applies_to_rows(tmp_path):
     schema = tmp_path / "rows.schema.json"
-    schema.write_text(json.dumps({"type": "object", "required": ["text"],
-                                  "properties": {"text": {"type": "string", "minLength": 1}}}))
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "required": ["text"],
+                "properties": {"text": {"type": "string", "minLength": 1}},
+            }
+        )
+    )
     f = write_jsonl(tmp_path / "rows.jsonl", [{"text": "fine"}, {"text": ""}])
     result = run("validate", str(f), "--template", "{{ text }}", "--input-schema", str(schema))
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == f"{f}:2: '' should be non-empty (at $.text)"
 
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ text.__class__.__init__.__globals__ }}",
-    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ text.__class__.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    ],
+)
 def test_sandbox_blocks_template_escapes(tmp_path, template):
     f = write_jsonl(tmp_path / "rows.jsonl", [{"text": "x"}])
     result = run("validate", str(f), "--template", template)
@@ -171,8 +190,8 @@ def test_usage_errors_exit_2(tmp_path):
 def test_help_and_validate_do_not_import_mlx(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     code = (
-        "import sys; from mlxbatch.cli import main; sys.argv=['mlxbatch','validate',%r]\n"
+        f"import sys; from mlxbatch.cli import main; sys.argv=['mlxbatch','validate',{str(f)!r}]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "assert 'mlx' not in sys.modules and 'mlx_lm' not in sys.modules, 'mlx imported'\n"
-    ) % str(f)
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

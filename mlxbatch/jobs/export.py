@@ -108,9 +108,12 @@ def openai_record(rows: list[ExportRow], model: str) -> dict:
         "created": max(r.created or 0 for r in rows),
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                  "total_tokens": prompt + completion},
-    }  # fmt: skip
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
     response = {"status_code": 200, "request_id": f"req_{digest[48:]}", "body": body}
     return {**line, "response": response, "error": None}
 
@@ -201,10 +204,13 @@ def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[
 def _flat(record: dict) -> dict:
     usage = record.pop("usage")
     error = record.pop("error")
-    return {**record, "prompt_tokens": usage["prompt_tokens"],
-            "completion_tokens": usage["completion_tokens"],
-            "error_code": error["code"] if error else None,
-            "error_message": error["message"] if error else None}  # fmt: skip
+    return {
+        **record,
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "error_code": error["code"] if error else None,
+        "error_message": error["message"] if error else None,
+    }
 
 
 def _write_chunk(pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict]) -> Any:

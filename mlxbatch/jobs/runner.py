@@ -48,9 +48,14 @@ def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> Val
             ) from None
     fields = template_fields(spec.template) if spec.template and kind == TEMPLATE else frozenset()
     return ValidationContext(
-        file=spec.input, kind=kind, defaults=spec.default_params(), id_field=spec.id_field,
-        template_fields=fields, user_schema=user_schema, max_problems=problems_cap,
-    )  # fmt: skip
+        file=spec.input,
+        kind=kind,
+        defaults=spec.default_params(),
+        id_field=spec.id_field,
+        template_fields=fields,
+        user_schema=user_schema,
+        max_problems=problems_cap,
+    )
 
 
 def _file_kind(spec: JobSpec) -> str:
@@ -197,8 +202,12 @@ def run_job(spec: JobSpec) -> RunSummary:
     store = open_store(spec)
     try:
         store.lock()
-        engine = Engine(spec.model, adapter_path=spec.adapter_path, dtype=spec.dtype,
-                        trust_remote_code=spec.trust_remote_code)  # fmt: skip
+        engine = Engine(
+            spec.model,
+            adapter_path=spec.adapter_path,
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+        )
         return _run(spec, check, store, engine, started)
     finally:
         store.close()
@@ -206,9 +215,14 @@ def run_job(spec: JobSpec) -> RunSummary:
 
 def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: float) -> RunSummary:
     summary = RunSummary(rows=check.tasks, output=spec.output_path)
-    run_id = store.begin_run(input=spec.input, output=spec.output_path, model=spec.model,
-                             model_identity=engine.identity, kind=check.kind,
-                             spec=spec.to_dict())  # fmt: skip
+    run_id = store.begin_run(
+        input=spec.input,
+        output=spec.output_path,
+        model=spec.model,
+        model_identity=engine.identity,
+        kind=check.kind,
+        spec=spec.to_dict(),
+    )
     if spec.fresh:
         store.clear_results()
     store.clear_manifest()
@@ -229,20 +243,33 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     try:
         seq = 0
         for window in _windows(iter_requests(spec, check.kind), spec.window):
-            tasks = render_tasks(window, engine.tokenizer, model_identity=engine.identity,
-                                 template=spec.template, system=spec.system,
-                                 use_chat_template=spec.chat_template, first_seq=seq)  # fmt: skip
+            tasks = render_tasks(
+                window,
+                engine.tokenizer,
+                model_identity=engine.identity,
+                template=spec.template,
+                system=spec.system,
+                use_chat_template=spec.chat_template,
+                first_seq=seq,
+            )
             seq += len(tasks)
             store.add_manifest(tasks)
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
-                sizes = plan.choose_batch_sizes(todo, kv_bytes_per_token=engine.kv_bytes_per_token,
-                                                memory_budget=engine.memory_budget(),
-                                                cap=spec.batch_size)  # fmt: skip
+                sizes = plan.choose_batch_sizes(
+                    todo,
+                    kv_bytes_per_token=engine.kv_bytes_per_token,
+                    memory_budget=engine.memory_budget(),
+                    cap=spec.batch_size,
+                )
                 committer.batch = sizes.completion
-                engine.generate(plan.sort_by_length(todo), completion_batch_size=sizes.completion,
-                                prefill_batch_size=sizes.prefill, on_result=committer.add,
-                                should_stop=lambda: bool(stopping))  # fmt: skip
+                engine.generate(
+                    plan.sort_by_length(todo),
+                    completion_batch_size=sizes.completion,
+                    prefill_batch_size=sizes.prefill,
+                    on_result=committer.add,
+                    should_stop=lambda: bool(stopping),
+                )
             committer.flush()
             if stopping:
                 break
@@ -259,8 +286,13 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     return summary
 
 
-def _pending(tasks: list, store: Store, committer: _Committer, summary: RunSummary,
-             context_length: int | None) -> list:  # fmt: skip
+def _pending(
+    tasks: list,
+    store: Store,
+    committer: _Committer,
+    summary: RunSummary,
+    context_length: int | None,
+) -> list:
     """Tasks still to generate; pre-generation failures are recorded as error results."""
     done = store.done_keys(t.key for t in tasks)
     todo, seen = [], set()
@@ -272,8 +304,16 @@ def _pending(tasks: list, store: Store, committer: _Committer, summary: RunSumma
         seen.add(task.key)
         error = task.error or plan.context_error(task, context_length)
         if error is not None:
-            committer.add(Result(key=task.key, finish_reason="error", prompt_tokens=len(task.prompt_ids),
-                                 error_code=error[0], error_message=error[1], created=int(time.time())))  # fmt: skip
+            committer.add(
+                Result(
+                    key=task.key,
+                    finish_reason="error",
+                    prompt_tokens=len(task.prompt_ids),
+                    error_code=error[0],
+                    error_message=error[1],
+                    created=int(time.time()),
+                )
+            )
             continue
         todo.append(task)
     return todo
@@ -285,5 +325,16 @@ def _peak_rss() -> int:
 
 
 def _stats(summary: RunSummary) -> dict:
-    return {k: getattr(summary, k) for k in ("rows", "ok", "failed", "cached", "prompt_tokens",
-            "generated_tokens", "wall", "peak_memory")} | {"tokens_per_second": summary.tokens_per_second}  # fmt: skip
+    return {
+        k: getattr(summary, k)
+        for k in (
+            "rows",
+            "ok",
+            "failed",
+            "cached",
+            "prompt_tokens",
+            "generated_tokens",
+            "wall",
+            "peak_memory",
+        )
+    } | {"tokens_per_second": summary.tokens_per_second}

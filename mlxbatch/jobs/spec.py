@@ -1,8 +1,9 @@
 """JobSpec: everything one run needs, merged from defaults, a job file and CLI flags.
 
 Precedence: built-in defaults < job file (`--job`, YAML or JSON) < flags given on the command
-line. The job file is checked against `schemas/job.schema.json` before anything else runs.
-This module does not read inputs or load models.
+line. Relative paths inside a job file are taken relative to the job file. The job file is
+checked against `schemas/job.schema.json` before anything else runs. This module does not read
+inputs or load models.
 """
 
 from __future__ import annotations
@@ -115,7 +116,24 @@ def load_job_file(path: str) -> dict[str, Any]:
     ]
     if problems:
         raise InputProblems(problems)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return _resolve_paths(data, os.path.dirname(os.path.abspath(path)))
+
+
+PATH_FIELDS = ("input", "output", "store", "input_schema", "adapter_path")
+
+
+def _resolve_paths(data: dict[str, Any], base: str) -> dict[str, Any]:
+    """Relative paths in a job file are relative to the job file, so cron can run it anywhere."""
+    resolved = dict(data)
+    for key in PATH_FIELDS:
+        if isinstance(resolved.get(key), str) and not os.path.isabs(resolved[key]):
+            resolved[key] = os.path.normpath(os.path.join(base, resolved[key]))
+    model = resolved.get("model")
+    if isinstance(model, str) and not os.path.isabs(model):
+        local = os.path.join(base, model)
+        if os.path.isdir(local):
+            resolved["model"] = os.path.normpath(local)
+    return resolved
 
 
 def build_spec(job_values: dict[str, Any], cli_values: dict[str, Any]) -> JobSpec:

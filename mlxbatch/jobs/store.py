@@ -140,8 +140,19 @@ class Store:
 
     def put_results(self, results: list[Result]) -> None:
         """Write a finished batch in one transaction."""
-        rows = [(r.key, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                 r.error_code, r.error_message, r.created) for r in results]  # fmt: skip
+        rows = [
+            (
+                r.key,
+                r.text,
+                r.finish_reason,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.error_code,
+                r.error_message,
+                r.created,
+            )
+            for r in results
+        ]
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?)", rows)
 
@@ -151,8 +162,10 @@ class Store:
         self.db.execute("DELETE FROM manifest")
 
     def add_manifest(self, tasks: list[Task]) -> None:
-        rows = [(t.seq, t.line, json.dumps(t.id), t.custom_id, t.sample_index, t.params.n,
-                 t.key, t.url) for t in tasks]  # fmt: skip
+        rows = [
+            (t.seq, t.line, json.dumps(t.id), t.custom_id, t.sample_index, t.params.n, t.key, t.url)
+            for t in tasks
+        ]
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO manifest VALUES (?,?,?,?,?,?,?,?)", rows)
 
@@ -175,19 +188,34 @@ class Store:
             "FROM manifest m LEFT JOIN results r ON r.key = m.key"
         ).fetchone()
         total, ok, failed = row[0], row[1] or 0, row[2] or 0
-        return {"rows": total, "done": ok, "failed": failed, "pending": total - ok - failed,
-                "prompt_tokens": row[3] or 0, "completion_tokens": row[4] or 0}  # fmt: skip
+        return {
+            "rows": total,
+            "done": ok,
+            "failed": failed,
+            "pending": total - ok - failed,
+            "prompt_tokens": row[3] or 0,
+            "completion_tokens": row[4] or 0,
+        }
 
     # -- runs --------------------------------------------------------------------------------
 
-    def begin_run(self, *, input: str, output: str, model: str, model_identity: str, kind: str,
-                  spec: dict) -> int:  # fmt: skip
+    def begin_run(
+        self, *, input: str, output: str, model: str, model_identity: str, kind: str, spec: dict
+    ) -> int:
         cursor = self.db.execute(
             "INSERT INTO runs (started, status, pid, input, output, model, model_identity, kind, "
             "spec) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), os.getpid(), input, output, model, model_identity, kind,
-             json.dumps(spec, default=str)),
-        )  # fmt: skip
+            (
+                time.time(),
+                os.getpid(),
+                input,
+                output,
+                model,
+                model_identity,
+                kind,
+                json.dumps(spec, default=str),
+            ),
+        )
         return int(cursor.lastrowid or 0)
 
     def end_run(self, run_id: int, status: str, stats: dict) -> None:

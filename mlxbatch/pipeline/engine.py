@@ -44,19 +44,25 @@ class Engine:
     """A loaded model and tokenizer, ready to generate batches of Tasks."""
 
     def __init__(
-        self, model: str, *, adapter_path: str | None = None, dtype: str = "auto",
+        self,
+        model: str,
+        *,
+        adapter_path: str | None = None,
+        dtype: str = "auto",
         trust_remote_code: bool = False,
-    ):  # fmt: skip
+    ):
         import mlx.core as mx
         from mlx_lm.utils import load
 
         self.model_name = model
         try:
             self.model, self.tokenizer, self.config = load(
-                model, adapter_path=adapter_path, return_config=True,
+                model,
+                adapter_path=adapter_path,
+                return_config=True,
                 tokenizer_config={"trust_remote_code": trust_remote_code},
                 trust_remote_code=trust_remote_code,
-            )  # fmt: skip
+            )
         except Exception as e:  # hub, file-system and format errors all surface here
             raise ModelLoadError(_load_hint(model, e)) from None
         self.dtype = self._apply_dtype(dtype, mx)
@@ -106,9 +112,14 @@ class Engine:
         return max(64 << 20, int(0.6 * int(total)) - weights)
 
     def generate(
-        self, tasks: list[Task], *, completion_batch_size: int, prefill_batch_size: int,
-        on_result: Callable[[Result], None], should_stop: Callable[[], bool] = lambda: False,
-    ) -> bool:  # fmt: skip
+        self,
+        tasks: list[Task],
+        *,
+        completion_batch_size: int,
+        prefill_batch_size: int,
+        on_result: Callable[[Result], None],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
         """Generate every task, calling `on_result` as each finishes, in finishing order.
 
         A failing step halves the batch and retries the unfinished tasks; at one row, the
@@ -142,25 +153,37 @@ class Engine:
 class _BatchRun:
     """One BatchGenerator over a list of tasks; `drive` runs it until done or stopped."""
 
-    def __init__(self, engine: Engine, tasks: list[Task], completion: int, prefill: int,
-                 on_result: Callable[[Result], None]):  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        tasks: list[Task],
+        completion: int,
+        prefill: int,
+        on_result: Callable[[Result], None],
+    ):
         from mlx_lm.generate import BatchGenerator
 
         self.engine, self.on_result = engine, on_result
         self.limit = _injected_oom_limit()
         self.done: set[str] = set()
         self.gen = BatchGenerator(
-            engine.model, stop_tokens=[[e] for e in engine.eos_ids],
-            completion_batch_size=completion, prefill_batch_size=prefill,
-        )  # fmt: skip
+            engine.model,
+            stop_tokens=[[e] for e in engine.eos_ids],
+            completion_batch_size=completion,
+            prefill_batch_size=prefill,
+        )
         uids = self.gen.insert(
-            [t.prompt_ids for t in tasks], max_tokens=[t.params.max_tokens for t in tasks],
+            [t.prompt_ids for t in tasks],
+            max_tokens=[t.params.max_tokens for t in tasks],
             samplers=[_sampler(t) for t in tasks],
-        )  # fmt: skip
-        self.tasks = dict(zip(uids, tasks))
+        )
+        self.tasks = dict(zip(uids, tasks, strict=False))
         self.tokens: dict[int, list[int]] = {u: [] for u in uids}
-        self.stops = {u: _StopWatch(t.params.stop, engine.tokenizer) for u, t in self.tasks.items()
-                      if t.params.stop}  # fmt: skip
+        self.stops = {
+            u: _StopWatch(t.params.stop, engine.tokenizer)
+            for u, t in self.tasks.items()
+            if t.params.stop
+        }
 
     def drive(self, should_stop: Callable[[], bool]) -> bool:
         while self.tasks:
@@ -198,10 +221,16 @@ class _BatchRun:
         stats.prompt_tokens += len(task.prompt_ids)
         stats.generated_tokens += len(tokens)
         self.done.add(task.key)
-        self.on_result(Result(
-            key=task.key, text=text, finish_reason=finish, prompt_tokens=len(task.prompt_ids),
-            completion_tokens=len(tokens), created=int(time.time()),
-        ))  # fmt: skip
+        self.on_result(
+            Result(
+                key=task.key,
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=len(task.prompt_ids),
+                completion_tokens=len(tokens),
+                created=int(time.time()),
+            )
+        )
 
     def close(self) -> None:
         self.gen.close()
@@ -263,9 +292,13 @@ def _is_oom(e: BaseException) -> bool:
 
 def _error_result(task: Task, code: str, message: str) -> Result:
     return Result(
-        key=task.key, finish_reason="error", prompt_tokens=len(task.prompt_ids),
-        error_code=code, error_message=message, created=int(time.time()),
-    )  # fmt: skip
+        key=task.key,
+        finish_reason="error",
+        prompt_tokens=len(task.prompt_ids),
+        error_code=code,
+        error_message=message,
+        created=int(time.time()),
+    )
 
 
 def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:
@@ -284,6 +317,8 @@ def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -
 def _load_hint(model: str, e: Exception) -> str:
     name = type(e).__name__
     if not Path(model).exists() and ("/" in model):
-        return (f"could not load model {model!r} ({name}: {e}). If this machine is offline, "
-                "download it first or pass a local model directory to --model.")  # fmt: skip
+        return (
+            f"could not load model {model!r} ({name}: {e}). If this machine is offline, "
+            "download it first or pass a local model directory to --model."
+        )
     return f"could not load model {model!r} ({name}: {e})"

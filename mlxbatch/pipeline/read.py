@@ -47,7 +47,7 @@ def read_rows(path: str) -> Iterator[SourceRow]:
 
 def _open_binary(path: str) -> IO[bytes]:
     if path.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
 
 

@@ -80,9 +80,13 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
 
 
 def prompt_token_ids(
-    request: Request, tokenizer: Any, *, template: str | None, system: str | None,
+    request: Request,
+    tokenizer: Any,
+    *,
+    template: str | None,
+    system: str | None,
     use_chat_template: bool = True,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """The prompt's token ids, exactly as the model will see them."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     messages = request.messages
@@ -126,9 +130,15 @@ def task_key(
 
 
 def render_tasks(
-    requests: Iterable[Request], tokenizer: Any, *, model_identity: str, template: str | None,
-    system: str | None, use_chat_template: bool, first_seq: int = 0,
-) -> list[Task]:  # fmt: skip
+    requests: Iterable[Request],
+    tokenizer: Any,
+    *,
+    model_identity: str,
+    template: str | None,
+    system: str | None,
+    use_chat_template: bool,
+    first_seq: int = 0,
+) -> list[Task]:
     """One Task per request and sample, numbered from `first_seq` in output order."""
     tasks: list[Task] = []
     seq = first_seq
@@ -138,9 +148,12 @@ def render_tasks(
         if error is None:
             try:
                 ids = prompt_token_ids(
-                    request, tokenizer, template=template, system=system,
+                    request,
+                    tokenizer,
+                    template=template,
+                    system=system,
                     use_chat_template=use_chat_template,
-                )  # fmt: skip
+                )
             except (TemplateError, jinja2.TemplateError, ValueError) as e:
                 error = ("render_error", str(e))
         for sample in range(request.params.n):
@@ -160,7 +173,7 @@ def render_tasks(
                     custom_id=request.custom_id,
                     url=request.url,
                     error=error,
-                )  # fmt: skip
+                )
             )
             seq += 1
     return tasks

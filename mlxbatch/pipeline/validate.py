@@ -31,6 +31,7 @@ PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
 ID_FIELDS = ("custom_id", "id")
 ROW_FIELDS = {"prompt", "messages", "metadata", "max_completion_tokens", *PARAM_FIELDS, *ID_FIELDS}
 OPENAI_BODY_FIELDS = {"model", "messages", "prompt", "user", "max_completion_tokens", *PARAM_FIELDS}
+NO_PROMPT = "row has neither 'prompt' nor 'messages' (pass --template to render other rows)"
 OPENAI_URLS = {"/v1/chat/completions": MESSAGES, "/v1/completions": PROMPT}
 
 
@@ -122,13 +123,7 @@ def _validate_row(row: SourceRow, ctx: ValidationContext, v: _Validators) -> Req
         if "messages" in data:
             kind = MESSAGES
         elif "prompt" not in data:
-            report(
-                Problem(
-                    ctx.file,
-                    row.line,
-                    "row has neither 'prompt' nor 'messages' (pass --template to render other rows)",
-                )
-            )
+            report(Problem(ctx.file, row.line, NO_PROMPT))
             return None
     errors = list(v.by_kind[kind].iter_errors(data))
     if v.user is not None:
@@ -167,7 +162,8 @@ def _check_template_fields(data: dict, line: int, ctx: ValidationContext) -> lis
                 Problem(
                     ctx.file,
                     line,
-                    f"field {name!r} used by the template is a nested {_json_type(data[name])}; templates take strings and numbers",
+                    f"field {name!r} used by the template is a nested {_json_type(data[name])}; "
+                    "templates take strings and numbers",
                     f"$.{name}",
                 )
             )
@@ -231,12 +227,16 @@ def _to_request(kind: str, data: dict, line: int, ctx: ValidationContext) -> Req
         body = data["body"]
         row_kind = OPENAI_URLS[data["url"]]
         return Request(
-            line=line, id=data["custom_id"], custom_id=data["custom_id"], kind=OPENAI,
-            params=_params(body, ctx.defaults), url=data["url"],
+            line=line,
+            id=data["custom_id"],
+            custom_id=data["custom_id"],
+            kind=OPENAI,
+            params=_params(body, ctx.defaults),
+            url=data["url"],
             prompt=body.get("prompt") if row_kind == PROMPT else None,
             messages=_messages(body["messages"]) if row_kind == MESSAGES else None,
             error=_unknown(body, OPENAI_BODY_FIELDS),
-        )  # fmt: skip
+        )
     row_id, custom_id = _row_id(data, line, ctx)
     if kind == TEMPLATE:
         return Request(
@@ -249,8 +249,12 @@ def _to_request(kind: str, data: dict, line: int, ctx: ValidationContext) -> Req
         )
     allowed = ROW_FIELDS | ({ctx.id_field} if ctx.id_field else set())
     return Request(
-        line=line, id=row_id, custom_id=custom_id, kind=kind, params=_params(data, ctx.defaults),
+        line=line,
+        id=row_id,
+        custom_id=custom_id,
+        kind=kind,
+        params=_params(data, ctx.defaults),
         prompt=data.get("prompt") if kind == PROMPT else None,
         messages=_messages(data["messages"]) if kind == MESSAGES else None,
         error=_unknown(data, allowed),
-    )  # fmt: skip
+    )
