@@ -138,13 +138,27 @@ class RunSummary:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     wall: float = 0.0
+    generate_seconds: float = 0.0  # time inside generation, excluding load and export
     peak_memory: int = 0
     output: str = ""
     errors: list[str] = field(default_factory=list)
 
+    _generate_started: float | None = None
+
+    def start_generating(self) -> None:
+        self._generate_started = time.perf_counter()
+
+    def stop_generating(self) -> None:
+        self.generate_seconds = self.generate_seconds_so_far()
+        self._generate_started = None
+
+    def generate_seconds_so_far(self) -> float:
+        started = self._generate_started
+        return self.generate_seconds + (time.perf_counter() - started if started else 0.0)
+
     @property
     def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.wall if self.wall > 0 else 0.0
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
 class _Committer:
@@ -170,6 +184,10 @@ class _Committer:
             s.prompt_tokens += result.prompt_tokens
             s.generated_tokens += result.completion_tokens
         self.progress.update(1)
+        if self.progress.n % 16 == 0 and s.generate_seconds_so_far() > 0:
+            self.progress.set_postfix_str(
+                f"{s.generated_tokens / s.generate_seconds_so_far():.0f} tok/s", refresh=False
+            )
         if len(self.buffer) >= self.batch:
             self.flush()
 
@@ -263,6 +281,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                     cap=spec.batch_size,
                 )
                 committer.batch = sizes.completion
+                summary.start_generating()
                 engine.generate(
                     plan.sort_by_length(todo),
                     completion_batch_size=sizes.completion,
@@ -270,6 +289,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                     on_result=committer.add,
                     should_stop=lambda: bool(stopping),
                 )
+                summary.stop_generating()
             committer.flush()
             if stopping:
                 break
@@ -335,6 +355,7 @@ def _stats(summary: RunSummary) -> dict:
             "prompt_tokens",
             "generated_tokens",
             "wall",
+            "generate_seconds",
             "peak_memory",
         )
     } | {"tokens_per_second": summary.tokens_per_second}
