@@ -141,6 +141,12 @@ def _generation_options(f: Callable) -> Callable:
             help="Most rows decoded together  [default: chosen from memory]",
         ),
         click.option(
+            "--prefix-cache/--no-prefix-cache",
+            default=True,
+            show_default=True,
+            help="Prefill a prompt prefix shared by many rows once and reuse its KV cache.",
+        ),
+        click.option(
             "--window",
             type=click.IntRange(min=1),
             default=10_000,

@@ -91,6 +91,14 @@ class Task:
 
 
 @dataclass
+class PrefixGroup:
+    """Tasks whose prompts start with the same `prefix` token ids, prefilled once for all."""
+
+    prefix: list[int]
+    tasks: list[Task]
+
+
+@dataclass
 class Result:
     """What generation produced for one task (or why it failed)."""
 

@@ -439,3 +439,30 @@ def test_gzip_input(tmp_path, tiny_model, fmt):
         g.write("".join(json.dumps(r) + "\n" for r in prompts(2)))
     assert process(str(f), "-m", tiny_model, "--max-tokens", "2").exit_code == 0
     assert len(read_jsonl(tmp_path / "p.out.jsonl")) == 2
+
+
+def test_prefix_cache_gives_identical_greedy_output(tmp_path, tiny_model):
+    system = "You label reviews. " + " ".join(WORDS * 6)
+    rows = [{"id": i, "text": " ".join(WORDS[: 3 + i % 11]) + f" #{i}"} for i in range(24)]
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    outs = {}
+    for flag in ("--prefix-cache", "--no-prefix-cache"):
+        o = tmp_path / f"{flag}.jsonl"
+        args = [
+            str(f),
+            "-m",
+            tiny_model,
+            "--template",
+            "Review: {{ text }}",
+            "--system",
+            system,
+            "--max-tokens",
+            "6",
+            "-o",
+            str(o),
+            flag,
+        ]
+        assert process(*args).exit_code == 0
+        outs[flag] = read_jsonl(o)
+    assert outs["--prefix-cache"] == outs["--no-prefix-cache"]
+    assert len({r["output"] for r in outs["--prefix-cache"]}) > 1

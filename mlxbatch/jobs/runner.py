@@ -26,7 +26,15 @@ from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import check_readable, input_format, parquet_columns, read_rows
 from mlxbatch.pipeline.render import TemplateError, render_tasks, render_text, template_fields
 from mlxbatch.pipeline.validate import ValidationContext, detect_kind, validate_rows
-from mlxbatch.records import OPENAI, TEMPLATE, InputProblems, Problem, Request, Result
+from mlxbatch.records import (
+    OPENAI,
+    TEMPLATE,
+    InputProblems,
+    PrefixGroup,
+    Problem,
+    Request,
+    Result,
+)
 
 
 @dataclass
@@ -282,8 +290,14 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 )
                 committer.batch = sizes.completion
                 summary.start_generating()
+                ordered = plan.sort_by_length(todo)
+                groups = (
+                    plan.group_by_prefix(ordered)
+                    if spec.prefix_cache
+                    else [PrefixGroup([], ordered)]
+                )
                 engine.generate(
-                    plan.sort_by_length(todo),
+                    groups,
                     completion_batch_size=sizes.completion,
                     prefill_batch_size=sizes.prefill,
                     on_result=committer.add,

@@ -42,6 +42,7 @@ class JobSpec:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     batch_size: int | None = None
+    prefix_cache: bool = True
     window: int = 10_000
     checkpoint_every: float = 300.0
     fresh: bool = False

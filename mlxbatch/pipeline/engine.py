@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxbatch.records import Result, Task
+from mlxbatch.records import PrefixGroup, Result, Task
 
+PREFILL_STEP = 2048
 # Test hook: any decode step with more rows than this fails as if out of memory.
 INJECT_OOM_ENV = "MLXBATCH_INJECT_OOM_ROWS"
 
@@ -33,6 +34,7 @@ class ModelLoadError(RuntimeError):
 class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefix_tokens: int = 0  # prompt tokens prefilled once for a whole prefix group
     peak_memory: int = 0
 
 
@@ -113,7 +115,7 @@ class Engine:
 
     def generate(
         self,
-        tasks: list[Task],
+        groups: list[PrefixGroup],
         *,
         completion_batch_size: int,
         prefill_batch_size: int,
@@ -122,32 +124,55 @@ class Engine:
     ) -> bool:
         """Generate every task, calling `on_result` as each finishes, in finishing order.
 
+        Each group's shared prefix is prefilled once and its KV cache handed to every row of
+        the group (mlx-lm merges caches without changing them, so no per-row copy is made).
         A failing step halves the batch and retries the unfinished tasks; at one row, the
         row in flight becomes an error record. Returns False if `should_stop` cut it short.
         """
         import mlx.core as mx
 
-        pending = list(tasks)
         size = completion_batch_size
-        while pending:
-            run = _BatchRun(self, pending, size, min(prefill_batch_size, size), on_result)
+        while groups := [g for g in groups if g.tasks]:
+            run = None
             try:
-                finished = run.drive(should_stop)
+                run = _BatchRun(self, groups, size, min(prefill_batch_size, size), on_result)
+                return run.drive(should_stop)
             except (RuntimeError, MemoryError, ValueError) as e:
                 mx.clear_cache()
-                pending = [t for t in pending if t.key not in run.done]
+                done = run.done if run else set()
+                groups = [
+                    PrefixGroup(g.prefix, [t for t in g.tasks if t.key not in done]) for g in groups
+                ]
                 if size > 1:
                     size = max(1, size // 2)
                     continue
-                failed, pending = pending[0], pending[1:]
-                code = "out_of_memory" if _is_oom(e) else "generation_error"
-                on_result(_error_result(failed, code, str(e)))
-                continue
+                # One row at a time runs in insertion order: the first unfinished row failed.
+                first = next(g for g in groups if g.tasks)
+                on_result(
+                    _error_result(
+                        first.tasks.pop(0),
+                        "out_of_memory" if _is_oom(e) else "generation_error",
+                        str(e),
+                    )
+                )
             finally:
-                run.close()
+                if run is not None:
+                    run.close()
                 self.stats.peak_memory = max(self.stats.peak_memory, mx.get_peak_memory())
-            return finished
         return True
+
+    def prefill_prefix(self, prefix: list[int]) -> list[Any]:
+        """A KV cache holding `prefix`, computed once for every row that starts with it."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        ids = mx.array(prefix)[None]
+        for start in range(0, len(prefix), PREFILL_STEP):
+            self.model(ids[:, start : start + PREFILL_STEP], cache=cache)
+            mx.eval([c.state for c in cache])
+        self.stats.prefix_tokens += len(prefix)
+        return cache
 
 
 class _BatchRun:
@@ -156,7 +181,7 @@ class _BatchRun:
     def __init__(
         self,
         engine: Engine,
-        tasks: list[Task],
+        groups: list[PrefixGroup],
         completion: int,
         prefill: int,
         on_result: Callable[[Result], None],
@@ -172,9 +197,15 @@ class _BatchRun:
             completion_batch_size=completion,
             prefill_batch_size=prefill,
         )
+        tasks = [t for g in groups for t in g.tasks]
+        caches = []
+        for g in groups:
+            cache = engine.prefill_prefix(g.prefix) if g.prefix else None
+            caches += [cache] * len(g.tasks)
         uids = self.gen.insert(
-            [t.prompt_ids for t in tasks],
+            [t.prompt_ids[len(g.prefix) :] for g in groups for t in g.tasks],
             max_tokens=[t.params.max_tokens for t in tasks],
+            caches=caches,
             samplers=[_sampler(t) for t in tasks],
         )
         self.tasks = dict(zip(uids, tasks, strict=False))

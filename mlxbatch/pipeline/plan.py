@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
-from mlxbatch.records import Task
+from mlxbatch.records import PrefixGroup, Task
 
 MAX_COMPLETION_BATCH = 256
 PREFILL_TOKENS_PER_STEP = 8192
@@ -63,3 +64,58 @@ def choose_batch_sizes(
     mean_prompt = sum(len(t.prompt_ids) for t in tasks) / len(tasks)
     prefill = max(1, min(completion, int(PREFILL_TOKENS_PER_STEP // max(1.0, mean_prompt))))
     return BatchSizes(completion=completion, prefill=prefill)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def group_by_prefix(tasks: list[Task], *, min_prefix: int = 16) -> list[PrefixGroup]:
+    """Group tasks so that each group's shared prefix saves the most prefill tokens.
+
+    Prompts are sorted as token sequences, so rows sharing a prefix are adjacent. A run of rows
+    is kept as one group when (rows - 1) * shared length beats splitting it into sub-runs with
+    longer shared prefixes (a system prompt shared by all vs. n samples of one prompt). Every
+    prefix leaves at least one token of each prompt to prefill. Rows sharing nothing useful come
+    back in a group with an empty prefix.
+    """
+    ordered = sorted(tasks, key=lambda t: t.prompt_ids)
+    shared = [_common_length(a.prompt_ids, b.prompt_ids) for a, b in pairwise(ordered)]
+    groups: list[PrefixGroup] = []
+    loose: list[Task] = []
+
+    def split(lo: int, hi: int, depth: int) -> tuple[int, list[tuple[int, int, int]]]:
+        # Best (saved tokens, [(lo, hi, prefix length)]) for rows lo..hi inclusive.
+        if lo == hi:
+            return 0, [(lo, hi, 0)]
+        floor = min(shared[lo:hi])
+        floor = min(floor, min(len(t.prompt_ids) for t in ordered[lo : hi + 1]) - 1)
+        whole = (hi - lo) * floor if floor >= min_prefix else 0
+        if depth > 64:
+            return whole, [(lo, hi, floor if whole else 0)]
+        parts, saved, start = [], 0, lo
+        for i in range(lo, hi + 1):
+            if i == hi or shared[i] <= floor:
+                part_saved, part = split(start, i, depth + 1) if i > start else (0, [(i, i, 0)])
+                saved += part_saved
+                parts += part
+                start = i + 1
+        if whole >= saved:
+            return whole, [(lo, hi, floor if whole else 0)]
+        return saved, parts
+
+    if ordered:
+        for lo, hi, length in split(0, len(ordered) - 1, 0)[1]:
+            members = ordered[lo : hi + 1]
+            if length >= min_prefix and len(members) > 1:
+                prefix = list(members[0].prompt_ids[:length])
+                groups.append(PrefixGroup(prefix, sort_by_length(members)))
+            else:
+                loose += members
+    if loose:
+        groups.append(PrefixGroup([], sort_by_length(loose)))
+    return groups
