@@ -10,7 +10,8 @@ reset, and returns a `Measurement` with exact prompt/generated token counts.
   validate and render path) and the same weights and dtype (loaded through mlxbatch's Engine,
   which is `mlx_lm.load` plus the CPU float32 rule); their model load is not timed.
 - `generate`: `mlx_lm.stream_generate` (the loop inside `mlx_lm.generate`, which returns only
-  text) one prompt and sample at a time; `limit` times only the first rows and scales up.
+  text) one prompt and sample at a time; `limit` times only the first
+  generations (whole prompts) and scales up.
 - `batch_generate`: one call with its default batch sizes, prompts in file order, each
   prompt repeated n times, one shared sampler.
 
@@ -197,7 +198,8 @@ def run_generate_loop(workload: Workload, model: Any, tokenizer: Any, inputs: Pe
     _loop(model, tokenizer, inputs.prompts[:1], 1, min(workload.max_tokens, WARMUP_MAX_TOKENS),
           sampler)  # fmt: skip
     warm_wall = time.perf_counter() - t0
-    timed = inputs.prompts[:limit] if limit else inputs.prompts
+    # `limit` counts generations (prompts x n), rounded down to whole prompts.
+    timed = inputs.prompts[: max(1, limit // inputs.n)] if limit else inputs.prompts
     _reset_memory()
     t0 = time.perf_counter()
     generated, texts = _loop(model, tokenizer, timed, inputs.n, workload.max_tokens, sampler)

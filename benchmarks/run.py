@@ -60,11 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--loop-limit",
         type=int,
-        help="time mlx_lm.generate on the first N prompts only and extrapolate "
-        "(default 16 on CPU, all on GPU; 0 = all)",
+        help="time mlx_lm.generate on the first N generations (prompts x n, whole prompts) "
+        "only and extrapolate (default 16 on CPU, all on GPU; 0 = all)",
     )
     p.add_argument("--hf-batch-sizes", default="64,256", help="transformers batch sizes")
-    p.add_argument("--warmup-rows", type=int, default=8, help="rows in each warm-up run")
+    p.add_argument("--warmup-rows", type=int, help="rows in each warm-up run (8; --quick: 2)")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model_shape = args.model_shape or "tiny"
         args.rows = args.rows or 16
         args.max_tokens = args.max_tokens or 16
+        args.warmup_rows = args.warmup_rows or 2
         workloads = ["mixed", "labelling"] if args.workload is None else workloads
+    args.warmup_rows = args.warmup_rows or 8
     shape = args.model_shape or ("qwen05b" if device == "gpu" else "tiny")
     model = args.model or str(model_dir(shape))
     counter = _token_counter(model)
