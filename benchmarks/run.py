@@ -4,8 +4,8 @@ What it does: parses the flags, builds or reuses the model (`.bench/models/`) an
 workload files (`.bench/data/`), runs the chosen contenders on each workload in a fixed order
 (mlxbatch first, before any peer model is resident, so peak memory is not shared), prints a
 table per workload and writes one JSON document (environment, args, every measurement).
-`--quick` is a ~1-2 minute CPU smoke run: tiny model, 16 rows, 16 new tokens, mixed and
-labelling.
+`--quick` is a ~2 minute CPU smoke run: tiny model, 16 rows, 16 new tokens, mixed and
+labelling, 2 warm-up rows, the generate loop timed on 8 prompts.
 
 What it does not do: tune anything, retry failed contenders (a failure is reported and the
 rest go on), or set LD_PRELOAD for you (it warns when OpenBLAS is missing on CPU).
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rows = args.rows or 16
         args.max_tokens = args.max_tokens or 16
         args.warmup_rows = args.warmup_rows or 2
+        args.loop_limit = 8 if args.loop_limit is None else args.loop_limit
         workloads = ["mixed", "labelling"] if args.workload is None else workloads
     args.warmup_rows = args.warmup_rows or 8
     shape = args.model_shape or ("qwen05b" if device == "gpu" else "tiny")

@@ -87,6 +87,11 @@ def _generation_options(f: Callable) -> Callable:
             help="Weights dtype; auto = float32 on CPU, the model's own on GPU.",
         ),
         click.option(
+            "--quantize",
+            type=click.Choice([4, 8]),
+            help="Quantize an unquantized model to 4 or 8 bits in memory at load.",
+        ),
+        click.option(
             "--trust-remote-code",
             is_flag=True,
             help="Allow the tokenizer to run code from the model repo.",
@@ -353,6 +358,37 @@ def export(output: str, store: str | None, target: str | None) -> None:
     finally:
         db.close()
     click.echo(f"wrote {n} lines to {spec.output_path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def doctor(as_json: bool) -> None:
+    """Check the MLX install: versions, device, memory, and the BLAS in use on Linux CPUs."""
+    from mlxbatch.pipeline.engine import describe_runtime
+
+    report = describe_runtime()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    for key in ("python", "platform", "mlx", "mlx-lm", "llguidance", "device"):
+        click.echo(f"{key}: {report[key]}")
+    info = report["device_info"]
+    memory = info.get("memory_size") or info.get("total_memory")
+    if memory:
+        click.echo(f"device memory: {int(memory) / 2**30:.1f} GiB")
+    if "blas" in report and "cpu" in report["device"].lower():
+        if report["openblas"]:
+            click.echo("blas: OpenBLAS (fast float32 matmul on CPU)")
+        else:
+            click.echo(f"blas: {', '.join(report['blas']) or 'reference'} (slow)")
+            click.echo(f"advice: {OPENBLAS_ADVICE}")
+
+
+OPENBLAS_ADVICE = (
+    "MLX runs on the reference BLAS; float32 matmul is ~28x faster with OpenBLAS: "
+    "apt-get install libopenblas0-pthread, then "
+    "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+)
 
 
 def main() -> None:

@@ -232,6 +232,7 @@ def run_job(spec: JobSpec) -> RunSummary:
             spec.model,
             adapter_path=spec.adapter_path,
             dtype=spec.dtype,
+            quantize=spec.quantize,
             trust_remote_code=spec.trust_remote_code,
         )
         return _run(spec, check, store, engine, started)

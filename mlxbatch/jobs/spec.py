@@ -28,6 +28,7 @@ class JobSpec:
     model: str = DEFAULT_MODEL
     adapter_path: str | None = None
     dtype: str = "auto"
+    quantize: int | None = None
     trust_remote_code: bool = False
     input_format: str = "auto"
     template: str | None = None

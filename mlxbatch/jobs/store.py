@@ -8,13 +8,27 @@
 The store runs in WAL mode with synchronous=FULL (and fullfsync on macOS). One process at a
 time holds it, through an flock on `<store>.lock` that the kernel drops when the holder dies,
 so a lock left by a killed run is taken over without asking. Output files are not written here.
+SQLite errors leave this module as StoreError naming the file: StoreDamaged for a damaged
+database, and a disk-full message (nothing committed is lost; resume once there is space).
+
+Fault injection, for tests only (tests/test_faults*.py): MLXBATCH_FAULT=<point>[:<n>] kills
+this process with SIGKILL the n-th time (default: first) it reaches <point>:
+  before_commit   a finished batch, generated, before its store transaction begins
+  in_commit       inside that transaction, rows written, before COMMIT
+  export_tmp      (export.py) the temp output file written, not yet fsynced or published
+  after_replace   (export.py) the output replaced, its directory not yet fsynced
+MLXBATCH_FAULT=enospc:<n> makes the n-th and every later write fail as on a full disk: a store
+write raises SQLite's "database or disk is full", an output-file write OSError(ENOSPC).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -40,6 +54,52 @@ CREATE TABLE IF NOT EXISTS runs (
     kind TEXT, spec TEXT, stats TEXT
 );
 """
+
+
+FAULT_ENV = "MLXBATCH_FAULT"
+
+
+class _Faults:
+    """The MLXBATCH_FAULT test hook (see the module docstring); inert when the variable is unset."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.fired: str | None = None  # where the first injected disk-full error was raised
+
+    def reset(self) -> None:
+        self.counts, self.fired = {}, None
+
+    def _reached(self, name: str) -> int:
+        """How many times `name` was reached, if MLXBATCH_FAULT targets it; else 0."""
+        spec = os.environ.get(FAULT_ENV)
+        if not spec or spec.partition(":")[0] != name:
+            return 0
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self.counts[name]
+
+    @staticmethod
+    def _n() -> int:
+        return int(os.environ[FAULT_ENV].partition(":")[2] or 1)
+
+    def point(self, name: str) -> None:
+        reached = self._reached(name)
+        if reached and reached == self._n():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def disk_full(self, where: str) -> bool:
+        """True if this write should fail as on a full disk."""
+        reached = self._reached("enospc")
+        if not reached or reached < self._n():
+            return False
+        self.fired = self.fired or where
+        return True
+
+    def check_file_write(self, where: str) -> None:
+        if self.disk_full(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+FAULTS = _Faults()
 
 
 class StoreError(Exception):
@@ -79,20 +139,58 @@ class Store:
             raise StoreError(f"{path}: no such store")
         try:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            if sys.platform == "darwin":
-                self.db.execute("PRAGMA fullfsync=ON")
-            check = self.db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(check)
-            if create:
-                self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise StoreDamaged(
-                f"{path}: the store is damaged ({e}); run again with --fresh to start a new "
-                "store (the damaged file is kept beside it)"
-            ) from None
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: {e}") from None
+        try:
+            with self._sqlite_errors():
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                if sys.platform == "darwin":
+                    self.db.execute("PRAGMA fullfsync=ON")
+                check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    found = [line for line in check.splitlines() if not line.startswith("***")]
+                    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+                    raise StoreDamaged(self._damaged(f"integrity check: {found[0]}{more}"))
+                if create:
+                    self.db.executescript(SCHEMA)
+        except StoreError:
+            self.db.close()
+            raise
+
+    def _damaged(self, why: object) -> str:
+        return (
+            f"{self.path}: the store is damaged ({why}); run again with --fresh to start a new "
+            "store (the damaged file is kept beside it)"
+        )
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """A StoreError naming this store for an error SQLite raised."""
+        name = getattr(e, "sqlite_errorname", None) or ""
+        text = str(e)
+        if name == "SQLITE_FULL" or "database or disk is full" in text:
+            return StoreError(
+                f"{self.path}: no space left on device ({e}); every finished batch is kept: "
+                "free some space and run the same command again to resume"
+            )
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(
+            m in text for m in ("malformed", "not a database", "Could not decode to UTF-8")
+        ):
+            return StoreDamaged(self._damaged(e))
+        return StoreError(f"{self.path}: {e}")
+
+    @contextlib.contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged bytes in a row
+            raise StoreDamaged(self._damaged(f"unreadable data: {e}")) from None
+
+    def _write_fault(self, what: str) -> None:
+        if FAULTS.disk_full(f"store:{what}"):
+            raise sqlite3.OperationalError("database or disk is full")
 
     # -- locking ---------------------------------------------------------------------------
 
@@ -122,20 +220,23 @@ class Store:
     # -- results -----------------------------------------------------------------------------
 
     def clear_results(self) -> None:
-        self.db.execute("DELETE FROM results")
+        with self._sqlite_errors():
+            self._write_fault("clear_results")
+            self.db.execute("DELETE FROM results")
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` that already have a successful result."""
         found: set[str] = set()
         batch = list(keys)
-        for i in range(0, len(batch), 900):  # under SQLite's bound-parameter limit
-            chunk = batch[i : i + 900]
-            marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(
-                f"SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({marks})",
-                chunk,
-            )
-            found.update(r[0] for r in rows)
+        with self._sqlite_errors():
+            for i in range(0, len(batch), 900):  # under SQLite's bound-parameter limit
+                chunk = batch[i : i + 900]
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(
+                    f"SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({marks})",
+                    chunk,
+                )
+                found.update(r[0] for r in rows)
         return found
 
     def put_results(self, results: list[Result]) -> None:
@@ -153,40 +254,48 @@ class Store:
             )
             for r in results
         ]
-        with self._transaction():
+        FAULTS.point("before_commit")
+        with self._sqlite_errors(), self._transaction():
+            self._write_fault("put_results")
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?)", rows)
+            FAULTS.point("in_commit")
 
     # -- manifest ----------------------------------------------------------------------------
 
     def clear_manifest(self) -> None:
-        self.db.execute("DELETE FROM manifest")
+        with self._sqlite_errors():
+            self._write_fault("clear_manifest")
+            self.db.execute("DELETE FROM manifest")
 
     def add_manifest(self, tasks: list[Task]) -> None:
         rows = [
             (t.seq, t.line, json.dumps(t.id), t.custom_id, t.sample_index, t.params.n, t.key, t.url)
             for t in tasks
         ]
-        with self._transaction():
+        with self._sqlite_errors(), self._transaction():
+            self._write_fault("add_manifest")
             self.db.executemany("INSERT OR REPLACE INTO manifest VALUES (?,?,?,?,?,?,?,?)", rows)
 
     def export_rows(self) -> Iterator[ExportRow]:
         """Manifest rows in output order, each with its result if there is one."""
-        cursor = self.db.execute(
-            "SELECT m.seq, m.line, m.id, m.custom_id, m.sample_index, m.n, m.key, m.url, r.text, "
-            "r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error_code, "
-            "r.error_message, r.created FROM manifest m LEFT JOIN results r ON r.key = m.key "
-            "ORDER BY m.seq"
-        )
-        for row in cursor:
-            yield ExportRow(row[0], row[1], json.loads(row[2]), *row[3:])
+        with self._sqlite_errors():
+            cursor = self.db.execute(
+                "SELECT m.seq, m.line, m.id, m.custom_id, m.sample_index, m.n, m.key, m.url, "
+                "r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error_code, "
+                "r.error_message, r.created FROM manifest m LEFT JOIN results r ON r.key = m.key "
+                "ORDER BY m.seq"
+            )
+            for row in cursor:
+                yield ExportRow(row[0], row[1], json.loads(row[2]), *row[3:])
 
     def counts(self) -> dict[str, int]:
-        row = self.db.execute(
-            "SELECT COUNT(*), SUM(r.finish_reason IS NOT NULL AND r.finish_reason != 'error'), "
-            "SUM(r.finish_reason = 'error'), SUM(COALESCE(r.prompt_tokens, 0)), "
-            "SUM(COALESCE(r.completion_tokens, 0)) "
-            "FROM manifest m LEFT JOIN results r ON r.key = m.key"
-        ).fetchone()
+        with self._sqlite_errors():
+            row = self.db.execute(
+                "SELECT COUNT(*), SUM(r.finish_reason IS NOT NULL AND r.finish_reason != 'error'), "
+                "SUM(r.finish_reason = 'error'), SUM(COALESCE(r.prompt_tokens, 0)), "
+                "SUM(COALESCE(r.completion_tokens, 0)) "
+                "FROM manifest m LEFT JOIN results r ON r.key = m.key"
+            ).fetchone()
         total, ok, failed = row[0], row[1] or 0, row[2] or 0
         return {
             "rows": total,
@@ -197,37 +306,64 @@ class Store:
             "completion_tokens": row[4] or 0,
         }
 
+    def result_counts(self) -> dict[str, int]:
+        """Stored results: those the current manifest uses, and those left from other settings.
+
+        A result's key covers the model, the prompt's tokens and the generation parameters, so
+        results made under other settings (or for rows no longer in the input) are never used
+        for the current rows; they stay in the store until --fresh clears it.
+        """
+        with self._sqlite_errors():
+            total, current = self.db.execute(
+                "SELECT COUNT(*), SUM(key IN (SELECT key FROM manifest)) FROM results"
+            ).fetchone()
+        return {"current": current or 0, "other": total - (current or 0)}
+
     # -- runs --------------------------------------------------------------------------------
 
     def begin_run(
         self, *, input: str, output: str, model: str, model_identity: str, kind: str, spec: dict
     ) -> int:
-        cursor = self.db.execute(
-            "INSERT INTO runs (started, status, pid, input, output, model, model_identity, kind, "
-            "spec) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-            (
-                time.time(),
-                os.getpid(),
-                input,
-                output,
-                model,
-                model_identity,
-                kind,
-                json.dumps(spec, default=str),
-            ),
-        )
+        with self._sqlite_errors():
+            self._write_fault("begin_run")
+            cursor = self.db.execute(
+                "INSERT INTO runs (started, status, pid, input, output, model, model_identity, "
+                "kind, spec) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    os.getpid(),
+                    input,
+                    output,
+                    model,
+                    model_identity,
+                    kind,
+                    json.dumps(spec, default=str),
+                ),
+            )
         return int(cursor.lastrowid or 0)
 
     def end_run(self, run_id: int, status: str, stats: dict) -> None:
-        self.db.execute(
-            "UPDATE runs SET finished = ?, status = ?, stats = ? WHERE run_id = ?",
-            (time.time(), status, json.dumps(stats), run_id),
-        )
+        with self._sqlite_errors():
+            self._write_fault("end_run")
+            self.db.execute(
+                "UPDATE runs SET finished = ?, status = ?, stats = ? WHERE run_id = ?",
+                (time.time(), status, json.dumps(stats), run_id),
+            )
 
     def last_run(self) -> dict | None:
+        return self._run("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1")
+
+    def run_before(self, run_id: int) -> dict | None:
+        """The run that came before run `run_id`, if any."""
+        return self._run(
+            "SELECT * FROM runs WHERE run_id < ? ORDER BY run_id DESC LIMIT 1", (run_id,)
+        )
+
+    def _run(self, query: str, args: tuple = ()) -> dict | None:
         self.db.row_factory = sqlite3.Row
         try:
-            row = self.db.execute("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+            with self._sqlite_errors():
+                row = self.db.execute(query, args).fetchone()
         finally:
             self.db.row_factory = None
         if row is None:
@@ -249,4 +385,18 @@ class _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite rolls some failures back itself (a full disk, I/O errors); a second
+        # ROLLBACK would then raise and hide the error that caused it.
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")

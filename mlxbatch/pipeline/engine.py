@@ -51,6 +51,7 @@ class Engine:
         *,
         adapter_path: str | None = None,
         dtype: str = "auto",
+        quantize: int | None = None,
         trust_remote_code: bool = False,
     ):
         import mlx.core as mx
@@ -68,6 +69,8 @@ class Engine:
         except Exception as e:  # hub, file-system and format errors all surface here
             raise ModelLoadError(_load_hint(model, e)) from None
         self.dtype = self._apply_dtype(dtype, mx)
+        if quantize:
+            self._quantize(quantize)
         self.identity = _model_identity(model, adapter_path, self.dtype, self.config)
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
@@ -82,6 +85,14 @@ class Engine:
         params = tree_flatten(self.model.parameters())
         floats = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
         return _dtype_name(floats[0]) if floats else "unknown"
+
+    def _quantize(self, bits: int) -> None:
+        from mlx_lm.utils import quantize_model
+
+        if "quantization" in self.config:
+            raise ModelLoadError(f"{self.model_name} is already quantized; drop --quantize")
+        # In memory only: the original weights on disk stay as they are.
+        self.model, self.config = quantize_model(self.model, self.config, 64, bits)
 
     @property
     def context_length(self) -> int | None:
@@ -353,3 +364,31 @@ def _load_hint(model: str, e: Exception) -> str:
             "download it first or pass a local model directory to --model."
         )
     return f"could not load model {model!r} ({name}: {e})"
+
+
+def describe_runtime() -> dict[str, Any]:
+    """What `mlxbatch doctor` reports: versions, device, and which BLAS MLX runs on."""
+    import platform
+    from importlib.metadata import version
+
+    import mlx.core as mx
+
+    mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))  # loads the BLAS library
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "mlx": version("mlx"),
+        "mlx-lm": version("mlx-lm"),
+        "device": str(mx.default_device()),
+        "device_info": mx.device_info(),
+    }
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        libs = {line.split()[-1] for line in maps.read_text().splitlines() if "blas" in line}
+        report["blas"] = sorted(libs)
+        report["openblas"] = any("openblas" in lib for lib in libs)
+    try:
+        report["llguidance"] = version("llguidance")
+    except Exception:
+        report["llguidance"] = None
+    return report

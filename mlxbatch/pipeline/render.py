@@ -18,7 +18,7 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mlxbatch.records import MESSAGES, OPENAI, PROMPT, TEMPLATE, GenParams, Request, Task
+from mlxbatch.records import TEMPLATE, GenParams, Request, Task
 
 
 class TemplateError(ValueError):
@@ -67,10 +67,8 @@ def render_text(source: str, fields: dict[str, Any]) -> str:
         raise TemplateError(f"template error: {e}") from None
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    # Render to text, then encode: the chat template already holds the special tokens.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def _chat_text(tokenizer: Any, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -79,33 +77,47 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
-def prompt_token_ids(
+def prompt_text(
     request: Request,
     tokenizer: Any,
     *,
     template: str | None,
     system: str | None,
     use_chat_template: bool = True,
-) -> list[int]:
-    """The prompt's token ids, exactly as the model will see them."""
+) -> tuple[str, bool]:
+    """The prompt as text, and whether the tokenizer should add its special tokens.
+
+    Chat-templated text already holds the special tokens, so it is encoded without them.
+    """
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     messages = request.messages
     if request.kind == TEMPLATE:
         assert template is not None
         text = render_text(template, request.fields or {})
         if not (use_chat_template and has_chat):
-            text = f"{system}\n\n{text}" if system else text
-            return list(tokenizer.encode(text))
+            return (f"{system}\n\n{text}" if system else text), True
         messages = [{"role": "user", "content": text}]
-    if request.kind in (MESSAGES, OPENAI) and messages is not None:
+    if messages is not None:
         if not has_chat:
             raise TemplateError("the model has no chat template; give 'prompt' rows instead")
-        return _chat_ids(tokenizer, _with_system(messages, system))
-    if request.kind in (PROMPT, OPENAI) and request.prompt is not None:
-        return list(tokenizer.encode(request.prompt))
-    if messages is not None:
-        return _chat_ids(tokenizer, _with_system(messages, system))
+        return _chat_text(tokenizer, _with_system(messages, system)), False
+    if request.prompt is not None:
+        return request.prompt, True
     raise TemplateError("row has nothing to generate from")
+
+
+def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts in one call to the Rust tokenizer when there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return [list(tokenizer.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
+
+
+def prompt_token_ids(request: Request, tokenizer: Any, **options: Any) -> list[int]:
+    """The prompt's token ids, exactly as the model will see them."""
+    text, special = prompt_text(request, tokenizer, **options)
+    return encode_texts(tokenizer, [text], special)[0]
 
 
 def task_key(
@@ -140,24 +152,33 @@ def render_tasks(
     first_seq: int = 0,
 ) -> list[Task]:
     """One Task per request and sample, numbered from `first_seq` in output order."""
-    tasks: list[Task] = []
-    seq = first_seq
-    for request in requests:
-        error = request.error
-        ids: list[int] = []
-        if error is None:
+    requests = list(requests)
+    errors: list[tuple[str, str] | None] = [r.error for r in requests]
+    texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
+    for i, request in enumerate(requests):
+        if errors[i] is None:
             try:
-                ids = prompt_token_ids(
+                text, special = prompt_text(
                     request,
                     tokenizer,
                     template=template,
                     system=system,
                     use_chat_template=use_chat_template,
                 )
+                texts[special].append((i, text))
             except (TemplateError, jinja2.TemplateError, ValueError) as e:
-                error = ("render_error", str(e))
+                errors[i] = ("render_error", str(e))
+    ids: list[list[int]] = [[] for _ in requests]
+    for special, items in texts.items():
+        if items:
+            encoded = encode_texts(tokenizer, [t for _, t in items], special)
+            for (i, _), token_ids in zip(items, encoded, strict=True):
+                ids[i] = token_ids
+    tasks: list[Task] = []
+    seq = first_seq
+    for request, error, prompt_ids in zip(requests, errors, ids, strict=True):
         for sample in range(request.params.n):
-            key = task_key(model_identity, ids, request.params, sample)
+            key = task_key(model_identity, prompt_ids, request.params, sample)
             if error is not None:
                 # Failed rows still need distinct keys; their error is not cached as a result.
                 key = hashlib.sha256(f"{key}:{request.line}:{error}".encode()).hexdigest()
@@ -168,7 +189,7 @@ def render_tasks(
                     line=request.line,
                     id=request.id,
                     sample_index=sample,
-                    prompt_ids=ids,
+                    prompt_ids=prompt_ids,
                     params=request.params,
                     custom_id=request.custom_id,
                     url=request.url,
