@@ -65,7 +65,7 @@ def load(model_dir: str, dtype: str) -> tuple[Any, Any, float]:
     else:
         torch_dtype = getattr(torch, dtype)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     model.to(device).eval()
     return model, device, time.perf_counter() - t0
 

@@ -8,8 +8,11 @@ jobs/runner.py only once the input has passed validation.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -141,6 +144,15 @@ def _generation_options(f: Callable) -> Callable:
             help="Samples per row.",
         ),
         click.option(
+            "--json-schema",
+            type=click.Path(),
+            help="JSON schema file every output must match (constrained decoding).",
+        ),
+        click.option(
+            "--choices", help="Comma-separated labels; each row gets one, with probabilities."
+        ),
+        click.option("--regex", help="Regular expression every output must match."),
+        click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             help="Most rows decoded together  [default: chosen from memory]",
@@ -223,10 +235,22 @@ def _handle_input_problems(f: Callable) -> Callable:
             ) from None
         except (StoreError, ModelLoadError) as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.Error as e:  # the store names its file itself; this is a safety net
+            raise click.ClickException(f"result store: {e}") from None
         except OSError as e:
-            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+            raise click.ClickException(_os_error(e)) from None
 
     return wrapper
+
+
+def _os_error(e: OSError) -> str:
+    text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += (
+            " (finished rows are kept in the store: free some space and run the same command "
+            "again to resume)"
+        )
+    return text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,11 +330,21 @@ def status(output: str, store: str | None, as_json: bool) -> None:
     path = _store_for(output, store)
     db = Store(path, create=False)
     try:
-        counts, run = db.counts(), db.last_run()
+        counts, run, results = db.counts(), db.last_run(), db.result_counts()
+        before = db.run_before(run["run_id"]) if run else None
     finally:
         db.close()
+    changed = _changed_settings(before, run) if run and before else {}
+    if run:
+        run["state"] = _run_state(run)
     if as_json:
-        click.echo(json.dumps({"store": path, **counts, "last_run": run}, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {"store": path, **counts, "results": results, "last_run": run, "changed": changed},
+                indent=2,
+                default=str,
+            )
+        )
         return
     click.echo(f"store: {path}")
     click.echo(
@@ -321,13 +355,69 @@ def status(output: str, store: str | None, as_json: bool) -> None:
     if run:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
         stats = run["stats"]
-        click.echo(f"last run: #{run['run_id']} {run['status']}, started {when}, pid {run['pid']}")
+        state = run["state"]
+        if state == "died":
+            state = "did not finish (killed or crashed; run the same command again to resume)"
+        click.echo(f"last run: #{run['run_id']} {state}, started {when}, pid {run['pid']}")
         click.echo(f"model: {run['model']} ({run['model_identity']})")
         if stats:
             click.echo(
                 f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
                 f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB"
             )
+    other = (
+        f", {results['other']} from other settings or rows (not used; --fresh drops them)"
+        if results["other"]
+        else ""
+    )
+    click.echo(f"results: {results['current']} for these rows and settings{other}")
+    if changed and before:
+        diffs = ", ".join(
+            f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changed.items()
+        )
+        click.echo(f"settings changed since run #{before['run_id']}: {diffs}")
+
+
+# Settings that go into result keys (or choose the rows); a change means new results.
+RESULT_SETTINGS = (
+    "input",
+    "model",
+    "adapter_path",
+    "dtype",
+    "template",
+    "system",
+    "chat_template",
+    "input_format",
+    "id_field",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+)
+
+
+def _changed_settings(before: dict, run: dict) -> dict[str, tuple[Any, Any]]:
+    """Settings of `run` that differ from the run before it: name -> (old, new)."""
+    old, new = before["spec"], run["spec"]
+    changed = {k: (old.get(k), new.get(k)) for k in RESULT_SETTINGS if old.get(k) != new.get(k)}
+    if before["model_identity"] != run["model_identity"] and "model" not in changed:
+        changed["model_identity"] = (before["model_identity"], run["model_identity"])
+    return changed
+
+
+def _run_state(run: dict) -> str:
+    """The run's status, or 'died' for a run marked running whose process is gone."""
+    if run["status"] != "running":
+        return str(run["status"])
+    try:
+        os.kill(int(run["pid"]), 0)
+    except ProcessLookupError:
+        return "died"
+    except (PermissionError, ValueError, TypeError):
+        pass
+    return "running"
 
 
 @cli.command()

@@ -56,6 +56,7 @@ class GenParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     n: int = 1
+    constraint: dict | None = None  # see pipeline/constrain.py
 
 
 @dataclass

@@ -22,11 +22,32 @@ def test_doctor_reports_versions_device_and_blas():
 
 
 def test_quantize_in_memory_changes_results_and_key(tmp_path, tiny_model):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} the cat sat on the mat"} for i in range(4)])
+    f = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"{i} the cat sat on the mat"} for i in range(4)]
+    )
     full, q4 = tmp_path / "full.jsonl", tmp_path / "q4.jsonl"
     run = CliRunner().invoke
-    assert run(cli, ["process", str(f), "-m", tiny_model, "--max-tokens", "6", "-o", str(full)]).exit_code == 0
-    result = run(cli, ["process", str(f), "-m", tiny_model, "--max-tokens", "6", "-o", str(q4), "--quantize", "4"])
+    assert (
+        run(
+            cli, ["process", str(f), "-m", tiny_model, "--max-tokens", "6", "-o", str(full)]
+        ).exit_code
+        == 0
+    )
+    result = run(
+        cli,
+        [
+            "process",
+            str(f),
+            "-m",
+            tiny_model,
+            "--max-tokens",
+            "6",
+            "-o",
+            str(q4),
+            "--quantize",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "0 cached" in result.stderr
     assert all(r["usage"]["completion_tokens"] == 6 for r in read_jsonl(q4))

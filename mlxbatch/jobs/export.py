@@ -5,6 +5,10 @@ target, and the directory fsynced: a reader sees the old file or the new one, ne
 one. Three output shapes: mlxbatch JSONL records, OpenAI Batch output lines (for OpenAI
 envelope inputs), and Parquet (input columns plus output columns). Failed rows also go to
 `<output>.errors.jsonl`. Rows still pending are left out. Nothing here generates.
+
+A write that fails (a full disk) leaves the published file as it was and raises OSError naming
+it. Temp files that a killed process left behind are removed by the next write of that file.
+The MLXBATCH_FAULT test hook (export_tmp, after_replace, enospc) is described in store.py.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
 from typing import Any
 
-from mlxbatch.jobs.store import ExportRow, Store
+from mlxbatch.jobs.store import FAULTS, ExportRow, Store
 from mlxbatch.records import SourceRow
 
 PARQUET_CHUNK = 8192
@@ -26,16 +30,24 @@ PARQUET_CHUNK = 8192
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then publish tmp_path as `path` durably and atomically."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    prefix = f".{os.path.basename(path)}.tmp-"
+    tmp = os.path.join(directory, f"{prefix}{os.getpid()}")
+    _remove_stale_temps(directory, prefix)
     try:
         write(tmp)
+        FAULTS.point("export_tmp")
         with open(tmp, "rb+") as f:
+            FAULTS.check_file_write(f"fsync:{path}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            # Name the file the user asked for, not its temp file; that file is unchanged.
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
+    FAULTS.point("after_replace")
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -43,10 +55,34 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         os.close(fd)
 
 
+def _remove_stale_temps(directory: str, prefix: str) -> None:
+    """Delete temp files of `prefix` left by processes that died before publishing them."""
+    for name in os.listdir(directory):
+        pid = name[len(prefix) :]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def write_lines_atomic(path: str, lines: Iterable[str]) -> None:
     def write(tmp: str) -> None:
+        armed = FAULTS.armed()  # the test hook, checked once per file, not per line
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for line in lines:
+                if armed:
+                    FAULTS.check_file_write(f"line:{path}")
                 f.write(line)
                 f.write("\n")
 
@@ -58,7 +94,7 @@ def _dumps(obj: Any) -> str:
 
 
 def _error(row: ExportRow) -> dict | None:
-    if row.finish_reason != "error":
+    if row.error_code is None and row.finish_reason != "error":
         return None
     return {"code": row.error_code or "error", "message": row.error_message or ""}
 
@@ -72,6 +108,7 @@ def output_record(row: ExportRow) -> dict:
         record["sample_index"] = row.sample_index
     record.update(
         output=row.text or "",
+        **(row.extra or {}),
         finish_reason=row.finish_reason,
         usage={
             "prompt_tokens": row.prompt_tokens or 0,
@@ -144,7 +181,7 @@ def export_jsonl(store: Store, output: str, errors: str, *, openai_model: str | 
 def _records(store: Store, openai_model: str | None) -> Iterator[tuple[dict, bool]]:
     if openai_model is None:
         for row in _finished(store.export_rows()):
-            yield output_record(row), row.finish_reason == "error"
+            yield output_record(row), row.error_code is not None or row.finish_reason == "error"
         return
     for _, group in groupby(store.export_rows(), key=lambda r: r.line):
         rows = list(group)
@@ -176,7 +213,7 @@ def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[
             while current.line < row.line:
                 current = next(inputs)
             record = output_record(row)
-            if row.finish_reason == "error":
+            if row.error_code is not None or row.finish_reason == "error":
                 err_lines.append(_dumps(record))
             data = current.data if isinstance(current.data, dict) else {}
             yield {**data, **_flat(record)}
@@ -202,6 +239,10 @@ def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[
 
 
 def _flat(record: dict) -> dict:
+    # Parsed values and choice probabilities vary in shape from row to row: JSON text columns.
+    for key in ("parsed", "choice_probs"):
+        if key in record:
+            record[key] = json.dumps(record[key], ensure_ascii=False)
     usage = record.pop("usage")
     error = record.pop("error")
     return {
@@ -214,6 +255,7 @@ def _flat(record: dict) -> dict:
 
 
 def _write_chunk(pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict]) -> Any:
+    FAULTS.check_file_write(f"parquet:{path}")
     if writer is None:
         table = (
             pa.Table.from_pylist(chunk) if chunk else pa.table({"id": pa.array([], pa.string())})

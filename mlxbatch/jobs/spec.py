@@ -42,6 +42,9 @@ class JobSpec:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    json_schema: str | None = None
+    choices: list[str] | None = None
+    regex: str | None = None
     batch_size: int | None = None
     prefix_cache: bool = True
     window: int = 10_000
@@ -62,8 +65,26 @@ class JobSpec:
     def errors_path(self) -> str:
         return errors_path(self.output_path)
 
+    def default_constraint(self) -> dict | None:
+        """The job-wide constraint from --json-schema, --choices or --regex."""
+        if self.choices:
+            return {"type": "choices", "choices": list(self.choices)}
+        if self.regex:
+            return {"type": "regex", "pattern": self.regex}
+        if self.json_schema:
+            try:
+                with open(self.json_schema, encoding="utf-8") as f:
+                    schema = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputProblems(
+                    [Problem(self.json_schema, None, f"cannot read schema: {e}")]
+                ) from None
+            return {"type": "json_schema", "schema": schema}
+        return None
+
     def default_params(self) -> GenParams:
         return GenParams(
+            constraint=self.default_constraint(),
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -121,7 +142,7 @@ def load_job_file(path: str) -> dict[str, Any]:
     return _resolve_paths(data, os.path.dirname(os.path.abspath(path)))
 
 
-PATH_FIELDS = ("input", "output", "store", "input_schema", "adapter_path")
+PATH_FIELDS = ("input", "output", "store", "input_schema", "adapter_path", "json_schema")
 
 
 def _resolve_paths(data: dict[str, Any], base: str) -> dict[str, Any]:
@@ -145,4 +166,6 @@ def build_spec(job_values: dict[str, Any], cli_values: dict[str, Any]) -> JobSpe
         merged["stop"] = [merged["stop"]]
     if "stop" in merged:
         merged["stop"] = list(merged["stop"])
+    if isinstance(merged.get("choices"), str):
+        merged["choices"] = [c.strip() for c in merged["choices"].split(",") if c.strip()]
     return JobSpec(**merged)

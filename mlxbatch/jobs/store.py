@@ -42,7 +42,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     key TEXT PRIMARY KEY, text TEXT NOT NULL, finish_reason TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-    error_code TEXT, error_message TEXT, created INTEGER NOT NULL
+    error_code TEXT, error_message TEXT, created INTEGER NOT NULL, extra TEXT
 );
 CREATE TABLE IF NOT EXISTS manifest (
     seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, id TEXT NOT NULL, custom_id TEXT,
@@ -65,6 +65,9 @@ class _Faults:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.fired: str | None = None  # where the first injected disk-full error was raised
+
+    def armed(self) -> bool:
+        return bool(os.environ.get(FAULT_ENV))
 
     def reset(self) -> None:
         self.counts, self.fired = {}, None
@@ -102,6 +105,18 @@ class _Faults:
 FAULTS = _Faults()
 
 
+# SQLite messages for a file that is not a sound store (damaged pages, schema, or text).
+DAMAGE_MESSAGES = (
+    "malformed",
+    "not a database",
+    "Could not decode to UTF-8",
+    "unsupported file format",
+    "no such table",
+    "no such column",
+    "has no column named",
+)
+
+
 class StoreError(Exception):
     """A store that cannot be used: missing, damaged, or locked by another process."""
 
@@ -129,6 +144,7 @@ class ExportRow:
     error_code: str | None
     error_message: str | None
     created: int | None
+    extra: dict | None = None  # e.g. parsed JSON, choice probabilities
 
 
 class Store:
@@ -174,7 +190,7 @@ class Store:
                 "free some space and run the same command again to resume"
             )
         if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(
-            m in text for m in ("malformed", "not a database", "Could not decode to UTF-8")
+            m in text for m in DAMAGE_MESSAGES
         ):
             return StoreDamaged(self._damaged(e))
         return StoreError(f"{self.path}: {e}")
@@ -251,13 +267,14 @@ class Store:
                 r.error_code,
                 r.error_message,
                 r.created,
+                json.dumps(r.extra, ensure_ascii=False) if r.extra else None,
             )
             for r in results
         ]
         FAULTS.point("before_commit")
         with self._sqlite_errors(), self._transaction():
             self._write_fault("put_results")
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)", rows)
             FAULTS.point("in_commit")
 
     # -- manifest ----------------------------------------------------------------------------
@@ -282,17 +299,18 @@ class Store:
             cursor = self.db.execute(
                 "SELECT m.seq, m.line, m.id, m.custom_id, m.sample_index, m.n, m.key, m.url, "
                 "r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error_code, "
-                "r.error_message, r.created FROM manifest m LEFT JOIN results r ON r.key = m.key "
-                "ORDER BY m.seq"
+                "r.error_message, r.created, r.extra FROM manifest m "
+                "LEFT JOIN results r ON r.key = m.key ORDER BY m.seq"
             )
             for row in cursor:
-                yield ExportRow(row[0], row[1], json.loads(row[2]), *row[3:])
+                extra = json.loads(row[15]) if row[15] else None
+                yield ExportRow(row[0], row[1], json.loads(row[2]), *row[3:15], extra)
 
     def counts(self) -> dict[str, int]:
         with self._sqlite_errors():
             row = self.db.execute(
-                "SELECT COUNT(*), SUM(r.finish_reason IS NOT NULL AND r.finish_reason != 'error'), "
-                "SUM(r.finish_reason = 'error'), SUM(COALESCE(r.prompt_tokens, 0)), "
+                "SELECT COUNT(*), SUM(r.finish_reason IS NOT NULL AND r.error_code IS NULL), "
+                "SUM(r.error_code IS NOT NULL), SUM(COALESCE(r.prompt_tokens, 0)), "
                 "SUM(COALESCE(r.completion_tokens, 0)) "
                 "FROM manifest m LEFT JOIN results r ON r.key = m.key"
             ).fetchone()
@@ -364,13 +382,13 @@ class Store:
         try:
             with self._sqlite_errors():
                 row = self.db.execute(query, args).fetchone()
+                if row is None:
+                    return None
+                run = dict(row)
+                run["spec"] = json.loads(run["spec"] or "{}")
+                run["stats"] = json.loads(run["stats"] or "{}")
         finally:
             self.db.row_factory = None
-        if row is None:
-            return None
-        run = dict(row)
-        run["spec"] = json.loads(run["spec"] or "{}")
-        run["stats"] = json.loads(run["stats"] or "{}")
         return run
 
     def _transaction(self) -> Any:

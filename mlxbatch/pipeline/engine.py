@@ -132,8 +132,12 @@ class Engine:
         prefill_batch_size: int,
         on_result: Callable[[Result], None],
         should_stop: Callable[[], bool] = lambda: False,
+        masks: Any = None,
     ) -> bool:
         """Generate every task, calling `on_result` as each finishes, in finishing order.
+
+        `masks` (pipeline/constrain.TokenMasks) turns a task's constraint into a per-step
+        allowed-token mask; it is required when any task is constrained.
 
         Each group's shared prefix is prefilled once and its KV cache handed to every row of
         the group (mlx-lm merges caches without changing them, so no per-row copy is made).
@@ -146,7 +150,7 @@ class Engine:
         while groups := [g for g in groups if g.tasks]:
             run = None
             try:
-                run = _BatchRun(self, groups, size, min(prefill_batch_size, size), on_result)
+                run = _BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
                 return run.drive(should_stop)
             except (RuntimeError, MemoryError, ValueError) as e:
                 mx.clear_cache()
@@ -172,6 +176,80 @@ class Engine:
                 self.stats.peak_memory = max(self.stats.peak_memory, mx.get_peak_memory())
         return True
 
+    def score_choices(
+        self,
+        groups: list[PrefixGroup],
+        on_scores: Callable[[Task, list[float], list[int]], None],
+        on_error: Callable[[Result], None],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Log-probability of each of a task's choices (then end of text) after its prompt.
+
+        `on_scores(task, logprobs, choice_lengths)` is called per task (`on_error` with an
+        error record for a task that fails, e.g. out of memory). The prompt is
+        prefilled once per task (once per group for a shared prefix) and all choices are
+        scored in one batched forward pass. Returns False if `should_stop` cut it short.
+        """
+        import mlx.core as mx
+
+        eos = self.eos_ids[0] if self.eos_ids else None
+        for group in groups:
+            prefix = self.prefill_prefix(group.prefix) if group.prefix else None
+            for task in group.tasks:
+                if should_stop():
+                    return False
+                choices = task.params.constraint["choices"]
+                seqs = [list(self.tokenizer.encode(c, add_special_tokens=False)) for c in choices]
+                ends = [seq + ([eos] if eos is not None else []) for seq in seqs]
+                try:
+                    scores = self._score(task.prompt_ids, group.prefix, prefix, ends)
+                except (RuntimeError, MemoryError, ValueError) as e:
+                    mx.clear_cache()
+                    code = "out_of_memory" if _is_oom(e) else "generation_error"
+                    on_error(_error_result(task, code, str(e)))
+                    continue
+                self.stats.prompt_tokens += len(task.prompt_ids)
+                on_scores(task, scores, [len(s) for s in seqs])
+        return True
+
+    def _score(
+        self, prompt: list[int], prefix: list[int], prefix_cache: Any, seqs: list[list[int]]
+    ) -> list[float]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        if not all(type(c) is KVCache for c in cache):
+            raise ValueError("choices need a model with a plain KV cache")
+        start = 0
+        if prefix_cache is not None:
+            for c, p in zip(cache, prefix_cache, strict=True):
+                c.state = (p.keys[..., : p.offset, :], p.values[..., : p.offset, :], p.offset)
+            start = len(prefix)
+        rest = mx.array(prompt[start:-1])[None]
+        for i in range(0, rest.shape[1], PREFILL_STEP):
+            self.model(rest[:, i : i + PREFILL_STEP], cache=cache)
+        # One row per choice: the prompt's last token, then the choice's tokens.
+        width = max(len(s) for s in seqs)
+        rows = [[prompt[-1], *s] + [0] * (width - len(s)) for s in seqs]
+        batch = []
+        for c in cache:
+            keys, values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            expanded = KVCache()
+            if c.offset:
+                expanded.state = (
+                    mx.repeat(keys, len(seqs), axis=0),
+                    mx.repeat(values, len(seqs), axis=0),
+                    c.offset,
+                )
+            batch.append(expanded)
+        logits = self.model(mx.array(rows), cache=batch).astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = mx.array([s + [0] * (width - len(s)) for s in seqs])[..., None]
+        picked = mx.take_along_axis(logprobs[:, :width, :], targets, axis=-1)[..., 0]
+        valid = mx.array([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs])
+        return (picked * valid).sum(axis=1).tolist()
+
     def prefill_prefix(self, prefix: list[int]) -> list[Any]:
         """A KV cache holding `prefix`, computed once for every row that starts with it."""
         import mlx.core as mx
@@ -196,6 +274,7 @@ class _BatchRun:
         completion: int,
         prefill: int,
         on_result: Callable[[Result], None],
+        masks: Any = None,
     ):
         from mlx_lm.generate import BatchGenerator
 
@@ -218,6 +297,7 @@ class _BatchRun:
             max_tokens=[t.params.max_tokens for t in tasks],
             caches=caches,
             samplers=[_sampler(t) for t in tasks],
+            logits_processors=[_constraint_processors(t, masks) for t in tasks],
         )
         self.tasks = dict(zip(uids, tasks, strict=False))
         self.tokens: dict[int, list[int]] = {u: [] for u in uids}
@@ -320,6 +400,26 @@ def _sampler(task: Task) -> Callable | None:
         return mx.random.categorical(logprobs * inv_temp, key=keys[1])
 
     return sample
+
+
+def _constraint_processors(task: Task, masks: Any) -> list[Callable]:
+    """A logits processor that masks every token the row's grammar does not allow next."""
+    constraint = task.params.constraint
+    if constraint is None:
+        return []
+    import mlx.core as mx
+
+    row = masks.matcher(constraint)
+    calls = [0]
+
+    def process(tokens: Any, logits: Any) -> Any:
+        # From the second step on, the last context token is the one sampled last step.
+        sampled = int(tokens[-1].item()) if calls[0] else None
+        calls[0] += 1
+        allowed = mx.array(row.allowed(sampled))
+        return mx.where(allowed, logits, mx.array(-float("inf"), logits.dtype))
+
+    return [process]
 
 
 def _injected_oom_limit() -> int | None:

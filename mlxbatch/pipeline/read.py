@@ -2,7 +2,10 @@
 
 Reading never holds the whole file: JSONL is read line by line, Parquet in record batches.
 A line that cannot be parsed is yielded with `error` set, so validation reports every bad
-line at once. This module does not check what a row contains (see validate.py).
+line at once. Strict JSON: NaN / Infinity and strings holding unpaired surrogates (text that
+cannot be written back as UTF-8) are parse errors too. A file that cannot be read to its end
+(damaged gzip data, a damaged Parquet file) gives one error row where reading stopped. This
+module does not check what a row contains (see validate.py).
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
-from mlxbatch.records import Problem, SourceRow
+from mlxbatch.records import InputProblems, Problem, SourceRow
 
 PARQUET_BATCH_ROWS = 4096
 
@@ -52,15 +57,58 @@ def _open_binary(path: str) -> IO[bytes]:
 
 
 def _read_jsonl(path: str) -> Iterator[SourceRow]:
-    with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                yield SourceRow(number, error="file starts with a UTF-8 byte order mark (BOM)")
-                continue
-            stripped = raw.strip()
-            if not stripped:
-                continue  # blank lines (and a trailing newline) are not rows
-            yield _parse_line(number, stripped)
+    number = 0
+    try:
+        with _open_binary(path) as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    yield SourceRow(number, error="file starts with a UTF-8 byte order mark (BOM)")
+                    continue
+                stripped = raw.strip()
+                if not stripped:
+                    continue  # blank lines (and a trailing newline) are not rows
+                row = _parse_line(number, stripped)
+                if row.error is not None and not raw.endswith(b"\n"):
+                    row.error += " (the file ends inside this line: truncated?)"
+                yield row
+    except gzip.BadGzipFile as e:
+        yield SourceRow(number + 1, error=f"not valid gzip data: {e}")
+    except EOFError:
+        yield SourceRow(number + 1, error="gzip data ends early: the file is truncated")
+    except zlib.error as e:
+        yield SourceRow(number + 1, error=f"damaged gzip data: {e}")
+    except OSError as e:
+        yield SourceRow(number + 1, error=f"cannot read the file: {e.strerror or e}")
+
+
+class _NotJSON(ValueError):
+    """Raised for the NaN / Infinity literals that Python's json accepts and JSON does not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not valid JSON")
+
+
+# A \u escape of a UTF-16 surrogate; only then can a parsed string hold an unpaired one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _unpaired_surrogate(data: Any) -> str | None:
+    """The first string (or key) in `data` holding an unpaired surrogate, escaped; else None."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return value[e.start : e.end].encode("unicode_escape").decode("ascii")
+    return None
 
 
 def _parse_line(number: int, raw: bytes) -> SourceRow:
@@ -72,11 +120,22 @@ def _parse_line(number: int, raw: bytes) -> SourceRow:
     except UnicodeDecodeError as e:
         return SourceRow(number, error=f"invalid UTF-8 at byte {e.start + 1}")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        return SourceRow(number, error=f"malformed JSON: {e.msg} at column {e.colno}")
+        msg = e.msg.removesuffix(" at")  # "Unterminated string starting at"
+        return SourceRow(number, error=f"malformed JSON: {msg} at column {e.colno}")
     except RecursionError:
         return SourceRow(number, error="malformed JSON: nested too deeply")
+    except _NotJSON as e:
+        return SourceRow(number, error=f"malformed JSON: {e}")
+    except ValueError as e:  # e.g. an integer past Python's digit limit
+        return SourceRow(number, error=f"malformed JSON: {str(e).split(':')[0]}")
+    if _SURROGATE_ESCAPE.search(raw):
+        bad = _unpaired_surrogate(data)
+        if bad is not None:
+            return SourceRow(
+                number, error=f"malformed JSON: unpaired surrogate {bad} in a string (not Unicode)"
+            )
     return SourceRow(number, data=data)
 
 
@@ -89,17 +148,23 @@ def _read_parquet(path: str) -> Iterator[SourceRow]:
         yield SourceRow(1, error=f"not a readable Parquet file: {e}")
         return
     number = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
-            number += 1
-            yield SourceRow(number, data=row)
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield SourceRow(number, data=row)
+    except Exception as e:  # a damaged page or column chunk, found while reading it
+        yield SourceRow(number + 1, error=f"not a readable Parquet file: {e}")
 
 
 def parquet_columns(path: str) -> dict[str, str]:
     """Column name -> Arrow type name, read from the file's footer only."""
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InputProblems([Problem(path, 1, f"not a readable Parquet file: {e}")]) from None
     return {f.name: str(f.type) for f in schema}
 
 

@@ -135,7 +135,7 @@ def task_key(
         # A seed changes nothing under greedy decoding, so it stays out of the key then.
         params.seed if sampling else None,
         sample_index if sampling else None,
-        None,  # constraint
+        json.dumps(params.constraint, sort_keys=True) if params.constraint else None,
     ]
     blob = json.dumps(payload, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
