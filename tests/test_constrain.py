@@ -160,7 +160,7 @@ def test_choices_give_a_label_and_normalised_probabilities(tmp_path, tiny_model)
     # Without the shared-prefix cache the scores are the same.
     plain = tmp_path / "plain.jsonl"
     assert process(*args[:-1], str(plain), "--no-prefix-cache").exit_code == 0
-    for a, b in zip(records, read_jsonl(plain)):
+    for a, b in zip(records, read_jsonl(plain), strict=True):
         assert a["output"] == b["output"]
         assert all(
             abs(a["choice_probs"][k] - b["choice_probs"][k]) < 1e-4 for k in a["choice_probs"]
