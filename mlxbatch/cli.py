@@ -303,7 +303,7 @@ def _summary_line(s: Any) -> str:
 @_handle_input_problems
 def validate(ctx: click.Context, **params: Any) -> None:
     """Check INPUT without loading a model; report every problem as file:line."""
-    from mlxbatch.jobs.runner import check_inputs
+    from mlxbatch.jobs.inputs import check_inputs
 
     spec = _spec(ctx, params)
     check = check_inputs(spec)

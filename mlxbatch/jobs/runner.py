@@ -8,7 +8,6 @@ SIGINT/SIGTERM stop generation at the next step; finished work is committed and 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -19,109 +18,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
+from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path, iter_requests
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
-from mlxbatch.pipeline import constrain, plan
-from mlxbatch.pipeline.read import check_readable, input_format, parquet_columns, read_rows
-from mlxbatch.pipeline.render import TemplateError, render_tasks, render_text, template_fields
-from mlxbatch.pipeline.validate import ValidationContext, detect_kind, validate_rows
-from mlxbatch.records import (
-    OPENAI,
-    TEMPLATE,
-    InputProblems,
-    PrefixGroup,
-    Problem,
-    Request,
-    Result,
-    Task,
-)
-
-
-@dataclass
-class InputCheck:
-    kind: str
-    requests: int
-    tasks: int
-
-
-def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> ValidationContext:
-    user_schema = None
-    if spec.input_schema:
-        try:
-            with open(spec.input_schema, encoding="utf-8") as f:
-                user_schema = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputProblems(
-                [Problem(spec.input_schema, None, f"cannot read schema: {e}")]
-            ) from None
-    fields = template_fields(spec.template) if spec.template and kind == TEMPLATE else frozenset()
-    return ValidationContext(
-        check_constraint=constrain.check,
-        read_constraint=constrain.from_row,
-        file=spec.input,
-        kind=kind,
-        defaults=spec.default_params(),
-        id_field=spec.id_field,
-        template_fields=fields,
-        user_schema=user_schema,
-        max_problems=problems_cap,
-    )
-
-
-def _file_kind(spec: JobSpec) -> str:
-    first = next((r.data for r in read_rows(spec.input) if r.error is None), None)
-    return detect_kind(first, spec.input_format, spec.template is not None)
-
-
-def check_inputs(spec: JobSpec, *, problems_cap: int = 50) -> InputCheck:
-    """Read and validate the whole input; raise InputProblems with every problem found."""
-    problem = check_readable(spec.input)
-    if problem is not None:
-        raise InputProblems([problem])
-    try:
-        kind = _file_kind(spec)
-        ctx = _validation_context(spec, kind, problems_cap)
-    except TemplateError as e:
-        raise InputProblems([Problem(spec.template or "--template", None, str(e))]) from None
-    job_constraint = ctx.defaults.constraint
-    if job_constraint is not None:
-        try:
-            constrain.check(job_constraint)
-        except constrain.ConstraintError as e:
-            source = spec.json_schema or ("--choices" if spec.choices else "--regex")
-            raise InputProblems([Problem(source, None, str(e))]) from None
-    if kind == TEMPLATE and input_format(spec.input) == "parquet":
-        columns = parquet_columns(spec.input)
-        missing = sorted(ctx.template_fields - set(columns))
-        if missing:
-            names = ", ".join(repr(m) for m in missing)
-            raise InputProblems(
-                [Problem(spec.input, None, f"column(s) {names} used by the template are missing")]
-            )
-    requests = tasks = 0
-    for request in validate_rows(read_rows(spec.input), ctx):
-        requests += 1
-        tasks += request.params.n
-        if kind == TEMPLATE and spec.template:
-            try:
-                render_text(spec.template, request.fields or {})
-            except TemplateError as e:
-                ctx.report(Problem(spec.input, request.line, str(e)))
-    if ctx.total_problems:
-        raise InputProblems(ctx.problems, ctx.total_problems)
-    return InputCheck(kind=kind, requests=requests, tasks=tasks)
-
-
-def check_output_path(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputProblems([Problem(path, None, f"output directory {directory} does not exist")])
-
-
-def iter_requests(spec: JobSpec, kind: str) -> Iterator[Request]:
-    """The validated requests, streamed again (check_inputs has already passed)."""
-    return validate_rows(read_rows(spec.input), _validation_context(spec, kind))
+from mlxbatch.pipeline import plan
+from mlxbatch.pipeline.read import input_format, read_rows
+from mlxbatch.pipeline.render import render_tasks
+from mlxbatch.records import OPENAI, Request, Result
 
 
 def open_store(spec: JobSpec) -> Store:
@@ -191,6 +96,9 @@ class _Committer:
         )
         self.buffer: list[Result] = []
         self.batch = 1
+
+    def set_batch(self, size: int) -> None:
+        self.batch = size
 
     def add(self, result: Result) -> None:
         self.buffer.append(result)
@@ -294,7 +202,14 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
                 summary.start_generating()
-                _generate(todo, spec, engine, committer, lambda: bool(stopping))
+                generate_window(
+                    todo,
+                    spec,
+                    engine,
+                    on_result=committer.add,
+                    should_stop=lambda: bool(stopping),
+                    on_batch_size=committer.set_batch,
+                )
                 summary.stop_generating()
             committer.flush()
             if stopping:
@@ -310,96 +225,6 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     summary.peak_memory = max(engine.stats.peak_memory, _peak_rss())
     store.end_run(run_id, summary.status, _stats(summary))
     return summary
-
-
-def _generate(
-    todo: list[Task], spec: JobSpec, engine: Any, committer: _Committer, should_stop: Any
-) -> None:
-    """Score choice tasks, then generate the rest in length-sorted, prefix-grouped batches."""
-
-    def grouped(tasks: list[Task]) -> list[PrefixGroup]:
-        ordered = plan.sort_by_length(tasks)
-        return plan.group_by_prefix(ordered) if spec.prefix_cache else [PrefixGroup([], ordered)]
-
-    choice_tasks = [t for t in todo if _constraint_type(t) == "choices"]
-    if choice_tasks:
-        engine.score_choices(
-            grouped(choice_tasks),
-            on_scores=lambda task, lps, lengths: committer.add(_choice_result(task, lps, lengths)),
-            on_error=committer.add,
-            should_stop=should_stop,
-        )
-    rest = [t for t in todo if _constraint_type(t) != "choices"]
-    if not rest or should_stop():
-        return
-    sizes = plan.choose_batch_sizes(
-        rest,
-        kv_bytes_per_token=engine.kv_bytes_per_token,
-        memory_budget=engine.memory_budget(),
-        cap=spec.batch_size,
-    )
-    committer.batch = sizes.completion
-    by_key = {t.key: t for t in rest}
-    constrained = any(t.params.constraint for t in rest)
-    engine.generate(
-        grouped(rest),
-        completion_batch_size=sizes.completion,
-        prefill_batch_size=sizes.prefill,
-        on_result=lambda r: committer.add(_parsed(by_key[r.key], r)),
-        should_stop=should_stop,
-        masks=_token_masks(engine) if constrained else None,
-    )
-
-
-def _constraint_type(task: Task) -> str | None:
-    constraint = task.params.constraint
-    return constraint["type"] if constraint else None
-
-
-def _token_masks(engine: Any) -> constrain.TokenMasks:
-    # Building llguidance's tokenizer takes about a second: once per engine.
-    if getattr(engine, "token_masks", None) is None:
-        vocab = int(engine.config.get("vocab_size") or len(engine.tokenizer))
-        hf = engine.tokenizer._tokenizer
-        engine.token_masks = constrain.TokenMasks(hf, vocab, engine.eos_ids)
-    return engine.token_masks
-
-
-def _parsed(task: Task, result: Result) -> Result:
-    """Attach the parsed JSON of a constrained row, or its error (output cut off, ...)."""
-    if result.finish_reason == "error":
-        return result
-    value, error = constrain.parse_output(task.params.constraint, result.text, result.finish_reason)
-    if error is not None:
-        result.error_code = error
-        result.error_message = ERROR_MESSAGES[error]
-    elif value is not None:
-        result.extra["parsed"] = value
-    return result
-
-
-ERROR_MESSAGES = {
-    "incomplete_json": "the output reached max_tokens before the JSON was complete",
-    "invalid_json": "the output is not valid JSON",
-    "schema_mismatch": "the output does not match the schema",
-}
-
-
-def _choice_result(task: Task, logprobs: list[float], lengths: list[int]) -> Result:
-    assert task.params.constraint is not None
-    choices = task.params.constraint["choices"]
-    probs = constrain.choice_distribution(choices, logprobs)
-    p = task.params
-    choice = constrain.pick_choice(probs, p.temperature, f"{p.seed}:{task.id}:{task.sample_index}")
-    return Result(
-        key=task.key,
-        text=choice,
-        finish_reason="stop",
-        prompt_tokens=len(task.prompt_ids),
-        completion_tokens=lengths[choices.index(choice)],
-        created=int(time.time()),
-        extra={"parsed": choice, "choice_probs": probs},
-    )
 
 
 def _pending(

@@ -303,8 +303,13 @@ class Store:
                 "LEFT JOIN results r ON r.key = m.key ORDER BY m.seq"
             )
             for row in cursor:
-                extra = json.loads(row[15]) if row[15] else None
-                yield ExportRow(row[0], row[1], json.loads(row[2]), *row[3:15], extra)
+                (seq, line, row_id, custom_id, sample, n, key, url, text, finish, prompt_tokens,
+                 completion_tokens, code, message, created, extra) = row  # fmt: skip
+                yield ExportRow(
+                    seq, line, json.loads(row_id), custom_id, sample, n, key, url, text, finish,
+                    prompt_tokens, completion_tokens, code, message, created,
+                    json.loads(extra) if extra else None,
+                )  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         with self._sqlite_errors():

@@ -22,7 +22,7 @@ import numpy as np
 
 JSON_KINDS = ("json_schema", "json_object")
 # Compact JSON: a weak model would otherwise fill free whitespace until max_tokens.
-GRAMMAR_DEFAULTS = {"whitespace_flexible": False}
+GRAMMAR_DEFAULTS: Any = {"whitespace_flexible": False}
 
 
 class ConstraintError(ValueError):
@@ -58,7 +58,7 @@ def grammar(constraint: dict) -> str:
     kind = constraint["type"]
     if kind == "regex":
         return LLMatcher.grammar_from_regex(constraint["pattern"])
-    schema = constraint.get("schema") if kind == "json_schema" else {"type": "object"}
+    schema = {"type": "object"} if kind == "json_object" else constraint.get("schema", {})
     return LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_DEFAULTS)
 
 

@@ -198,7 +198,7 @@ class Engine:
             for task in group.tasks:
                 if should_stop():
                     return False
-                choices = task.params.constraint["choices"]
+                choices = (task.params.constraint or {})["choices"]
                 seqs = [list(self.tokenizer.encode(c, add_special_tokens=False)) for c in choices]
                 ends = [seq + ([eos] if eos is not None else []) for seq in seqs]
                 try:
@@ -248,7 +248,8 @@ class Engine:
         targets = mx.array([s + [0] * (width - len(s)) for s in seqs])[..., None]
         picked = mx.take_along_axis(logprobs[:, :width, :], targets, axis=-1)[..., 0]
         valid = mx.array([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs])
-        return (picked * valid).sum(axis=1).tolist()
+        scores: list[float] = (picked * valid).sum(axis=1).tolist()  # type: ignore[assignment]
+        return scores
 
     def prefill_prefix(self, prefix: list[int]) -> list[Any]:
         """A KV cache holding `prefix`, computed once for every row that starts with it."""

@@ -1,0 +1,106 @@
+"""Check a job's input in full before any model loads, and stream it again as Requests.
+
+`check_inputs` reads every row, validates it against the record schemas (and the user's
+schema), checks templates and constraints, and raises InputProblems listing everything wrong.
+`iter_requests` streams the same rows again for the run. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.pipeline import constrain
+from mlxbatch.pipeline.read import check_readable, input_format, parquet_columns, read_rows
+from mlxbatch.pipeline.render import TemplateError, render_text, template_fields
+from mlxbatch.pipeline.validate import ValidationContext, detect_kind, validate_rows
+from mlxbatch.records import TEMPLATE, InputProblems, Problem, Request
+
+
+@dataclass
+class InputCheck:
+    kind: str
+    requests: int
+    tasks: int
+
+
+def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> ValidationContext:
+    user_schema = None
+    if spec.input_schema:
+        try:
+            with open(spec.input_schema, encoding="utf-8") as f:
+                user_schema = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputProblems(
+                [Problem(spec.input_schema, None, f"cannot read schema: {e}")]
+            ) from None
+    fields = template_fields(spec.template) if spec.template and kind == TEMPLATE else frozenset()
+    return ValidationContext(
+        check_constraint=constrain.check,
+        read_constraint=constrain.from_row,
+        file=spec.input,
+        kind=kind,
+        defaults=spec.default_params(),
+        id_field=spec.id_field,
+        template_fields=fields,
+        user_schema=user_schema,
+        max_problems=problems_cap,
+    )
+
+
+def _file_kind(spec: JobSpec) -> str:
+    first = next((r.data for r in read_rows(spec.input) if r.error is None), None)
+    return detect_kind(first, spec.input_format, spec.template is not None)
+
+
+def check_inputs(spec: JobSpec, *, problems_cap: int = 50) -> InputCheck:
+    """Read and validate the whole input; raise InputProblems with every problem found."""
+    problem = check_readable(spec.input)
+    if problem is not None:
+        raise InputProblems([problem])
+    try:
+        kind = _file_kind(spec)
+        ctx = _validation_context(spec, kind, problems_cap)
+    except TemplateError as e:
+        raise InputProblems([Problem(spec.template or "--template", None, str(e))]) from None
+    job_constraint = ctx.defaults.constraint
+    if job_constraint is not None:
+        try:
+            constrain.check(job_constraint)
+        except constrain.ConstraintError as e:
+            source = spec.json_schema or ("--choices" if spec.choices else "--regex")
+            raise InputProblems([Problem(source, None, str(e))]) from None
+    if kind == TEMPLATE and input_format(spec.input) == "parquet":
+        columns = parquet_columns(spec.input)
+        missing = sorted(ctx.template_fields - set(columns))
+        if missing:
+            names = ", ".join(repr(m) for m in missing)
+            raise InputProblems(
+                [Problem(spec.input, None, f"column(s) {names} used by the template are missing")]
+            )
+    requests = tasks = 0
+    for request in validate_rows(read_rows(spec.input), ctx):
+        requests += 1
+        tasks += request.params.n
+        if kind == TEMPLATE and spec.template:
+            try:
+                render_text(spec.template, request.fields or {})
+            except TemplateError as e:
+                ctx.report(Problem(spec.input, request.line, str(e)))
+    if ctx.total_problems:
+        raise InputProblems(ctx.problems, ctx.total_problems)
+    return InputCheck(kind=kind, requests=requests, tasks=tasks)
+
+
+def check_output_path(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputProblems([Problem(path, None, f"output directory {directory} does not exist")])
+
+
+def iter_requests(spec: JobSpec, kind: str) -> Iterator[Request]:
+    """The validated requests, streamed again (check_inputs has already passed)."""
+    return validate_rows(read_rows(spec.input), _validation_context(spec, kind))

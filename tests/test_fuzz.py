@@ -1,0 +1,173 @@
+"""Fuzz read + validate: random bytes and random JSON never crash the input check.
+
+The only exception `check_inputs` may raise is the documented InputProblems; and whatever it
+accepts can be written back out as UTF-8 JSON (ids, prompts, messages), since outputs carry it.
+Bounded by max_examples so the whole file runs in well under 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlxbatch.jobs.runner import check_inputs
+from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.pipeline.read import read_rows
+from mlxbatch.pipeline.validate import ValidationContext, validate_rows
+from mlxbatch.records import PROMPT, GenParams, InputProblems
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,  # the same examples every run: CI failures reproduce
+)
+
+# How a file may be read: (suffix, extra JobSpec fields).
+MODES = [
+    (".jsonl", {}),
+    (".jsonl", {"input_format": "openai"}),
+    (".jsonl", {"input_format": "messages"}),
+    (".jsonl", {"template": "Review: {{ text }} ({{ stars }})"}),
+    (".jsonl.gz", {}),
+    (".parquet", {"template": "{{ text }}"}),
+]
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+KEYS = [
+    "prompt", "messages", "id", "custom_id", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "seed", "stop", "n", "metadata", "method", "url", "body", "text", "stars", "role",
+    "content", "type",
+]
+message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["user", "system", "assistant", "robot", ""]) | json_values,
+        "content": st.text(max_size=10) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)})) | json_values,
+    },
+)
+# Rows shaped like the real ones, with the wrong types mixed in, to reach past the first check.
+rowish = st.dictionaries(
+    st.sampled_from(KEYS) | st.text(max_size=6),
+    json_values
+    | st.lists(message, max_size=3)
+    | st.sampled_from(["POST", "GET", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+    | st.fixed_dictionaries({"messages": st.lists(message, max_size=2)}, optional={"prompt": json_values, "max_tokens": json_values, "n": json_values}),
+    max_size=6,
+)
+fragments = st.sampled_from(
+    [b"\\ud800", b"\\udfff\\ud800", b"NaN", b"-Infinity", b"\xef\xbb\xbf", b"\x00", b"\xff\xfe", b"\r", b"9" * 5000, b"[" * 3000, b'{"a":' * 1500, b"\xc3", b"\\u0000"]
+)
+
+
+@st.composite
+def line_bytes(draw) -> bytes:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(st.binary(max_size=60))
+    value = draw(rowish if kind in (1, 2) else json_values)
+    raw = json.dumps(value, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    if kind == 2 and raw:  # splice in a troublesome fragment
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(fragments) + raw[at:]
+    return raw
+
+
+@st.composite
+def file_bytes(draw) -> bytes:
+    lines = draw(st.lists(line_bytes(), max_size=8))
+    ending = draw(st.sampled_from([b"\n", b"\r\n"]))
+    data = ending.join(lines) + draw(st.sampled_from([b"", ending]))
+    if draw(st.booleans()):
+        data = draw(fragments) + data
+    return data
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def assert_writable(check_spec: JobSpec) -> None:
+    """Every accepted value can be written to a UTF-8 output, as export will."""
+    ctx = ValidationContext(file=check_spec.input, kind=PROMPT, defaults=GenParams())
+    for request in validate_rows(read_rows(check_spec.input), ctx):
+        for value in (request.id, request.custom_id, request.prompt, request.messages):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        assert isinstance(request.id, (str, int))
+
+
+def check(path: Path, extra: dict) -> None:
+    spec = JobSpec(input=str(path), **extra)
+    try:
+        result = check_inputs(spec)
+    except InputProblems as e:
+        assert e.problems and e.total >= len(e.problems)
+        for p in e.problems:
+            assert p.file == str(path) and (p.line is None or p.line >= 1), p
+            str(p).encode("utf-8")  # every message prints
+        return
+    assert result.requests >= 0
+    if not extra:
+        assert_writable(spec)
+
+
+@FUZZ
+@given(data=file_bytes(), mode=st.sampled_from(MODES))
+def test_random_bytes_only_raise_input_problems(work, data, mode):
+    import gzip
+
+    suffix, extra = mode
+    path = work / f"in{suffix}"
+    if suffix == ".jsonl.gz":
+        data = gzip.compress(data, mtime=0)[: len(data) or None]  # sometimes cut short
+    path.write_bytes(data)
+    check(path, extra)
+
+
+@FUZZ
+@given(rows=st.lists(rowish | json_values, max_size=8), mode=st.sampled_from(MODES[:4]))
+def test_random_json_rows_only_raise_input_problems(work, rows, mode):
+    suffix, extra = mode
+    path = work / f"rows{suffix}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    check(path, extra)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {"text": st.one_of(st.text(max_size=10), st.none(), st.integers(), st.lists(st.integers(), max_size=2))},
+            optional={"stars": st.one_of(st.integers(), st.floats(allow_nan=False), st.none())},
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_random_parquet_rows_only_raise_input_problems(work, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = work / "rows.parquet"
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return  # mixed column types that Arrow itself refuses
+    pq.write_table(table, path)
+    check(path, {"template": "Review: {{ text }} ({{ stars }})"})
