@@ -153,8 +153,8 @@ def test_random_json_rows_only_raise_input_problems(work, rows, mode):
 @given(
     rows=st.lists(
         st.fixed_dictionaries(
-            {"text": st.one_of(st.text(max_size=10), st.none(), st.integers(), st.lists(st.integers(), max_size=2))},
-            optional={"stars": st.one_of(st.integers(), st.floats(allow_nan=False), st.none())},
+            {"text": st.one_of(st.text(max_size=10), st.none(), st.integers(-(2**63), 2**63 - 1), st.lists(st.integers(0, 9), max_size=2))},
+            optional={"stars": st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.none())},
         ),
         min_size=1,
         max_size=6,

@@ -129,3 +129,18 @@ def test_lock_file_names_pid(tmp_path):
     store.lock()
     assert Path(f"{tmp_path / 's.sqlite'}.lock").read_text() == str(os.getpid())
     store.close()
+
+
+def test_checkpoint_exports_partial_output_during_a_run(tmp_path, tiny_model):
+    inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    out = tmp_path / "out.jsonl"
+    store = Path(f"{out}.mlxbatch.sqlite")
+    proc = start(inp, out, tiny_model, "--checkpoint-every", "0")
+    wait_for(lambda: committed(store) >= 60)
+    proc.kill()
+    proc.wait()
+    # The last checkpoint is a whole file: every line complete, finished rows in input order.
+    partial = read_jsonl(out)
+    assert 8 <= len(partial) <= committed(store)
+    order = [int(r["id"].split("-")[1]) for r in partial]
+    assert order == sorted(order)
