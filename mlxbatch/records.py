@@ -57,6 +57,12 @@ class GenParams:
     stop: tuple[str, ...] = ()
     n: int = 1
     constraint: dict | None = None  # see pipeline/constrain.py
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass

@@ -73,7 +73,10 @@ EXPECTED: dict[str, list[tuple[int | None, str]]] = {
         (7, "duplicate id '7' (first at line 6) (at $.id)"),
     ],
     "openai_bad_envelope.jsonl": [
-        (2, "'/v1/embeddings' is not one of ['/v1/chat/completions', '/v1/completions'] (at $.url)"),
+        (
+            2,
+            "'/v1/embeddings' is not one of ['/v1/chat/completions', '/v1/completions'] (at $.url)",
+        ),
         (3, "'POST' was expected (at $.method)"),
         (4, "'POST' was expected (at $.method)"),
         (4, "'/v1/responses' is not one of ['/v1/chat/completions', '/v1/completions'] (at $.url)"),
@@ -127,7 +130,9 @@ def tree(root: Path) -> list[str]:
 
 
 def expected_stderr(path: Path | str, problems: list[tuple[int | None, str]]) -> str:
-    lines = [f"{path}:{line}: {msg}" if line is not None else f"{path}: {msg}" for line, msg in problems]
+    lines = [
+        f"{path}:{line}: {msg}" if line is not None else f"{path}: {msg}" for line, msg in problems
+    ]
     return "\n".join(lines) + f"\nError: {len(problems)} input problem(s); nothing was generated\n"
 
 
@@ -136,7 +141,9 @@ def assert_rejected(tmp_path: Path, inp: Path, stderr: str, *extra: str) -> None
     out_dir = tmp_path / "out"
     out_dir.mkdir(exist_ok=True)
     before = tree(tmp_path)
-    result = invoke("process", str(inp), "-o", str(out_dir / "o.jsonl"), "-m", str(tmp_path / "m"), *extra)
+    result = invoke(
+        "process", str(inp), "-o", str(out_dir / "o.jsonl"), "-m", str(tmp_path / "m"), *extra
+    )
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", stderr)
     assert tree(tmp_path) == before  # no output, errors file, store, WAL or lock
     result = invoke("validate", str(inp), *extra)
@@ -158,7 +165,13 @@ def test_bad_file_is_rejected_before_the_model_loads(tmp_path, no_model, name):
 def test_not_parquet_with_a_template(tmp_path, no_model):
     inp = tmp_path / "x.parquet"
     shutil.copy(BAD / "not_parquet.parquet", inp)
-    assert_rejected(tmp_path, inp, expected_stderr(inp, EXPECTED["not_parquet.parquet"]), "--template", "{{ text }}")
+    assert_rejected(
+        tmp_path,
+        inp,
+        expected_stderr(inp, EXPECTED["not_parquet.parquet"]),
+        "--template",
+        "{{ text }}",
+    )
 
 
 @pytest.mark.parametrize(
@@ -172,7 +185,14 @@ def test_look_alikes_are_accepted(name, rows):
 
 
 def test_crlf_and_blank_lines_process_like_plain_lines(tmp_path, tiny_model):
-    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "one"}, {"prompt": "two"}, {"messages": [{"role": "user", "content": "three"}]}])
+    plain = write_jsonl(
+        tmp_path / "plain.jsonl",
+        [
+            {"prompt": "one"},
+            {"prompt": "two"},
+            {"messages": [{"role": "user", "content": "three"}]},
+        ],
+    )
     crlf = tmp_path / "crlf.jsonl"
     shutil.copy(ACCEPTED / "crlf.jsonl", crlf)
     for f in (plain, crlf):
@@ -203,7 +223,11 @@ def ten_mb_prompt() -> str:
 
 def test_ten_megabyte_line(tmp_path, no_model):
     good = tmp_path / "big.jsonl"
-    good.write_text(json.dumps({"id": "big", "prompt": ten_mb_prompt()}) + "\n" + '{"id": "small", "prompt": "hi"}\n')
+    good.write_text(
+        json.dumps({"id": "big", "prompt": ten_mb_prompt()})
+        + "\n"
+        + '{"id": "small", "prompt": "hi"}\n'
+    )
     assert good.stat().st_size > 10 * 2**20
     result = invoke("validate", str(good))
     assert (result.exit_code, result.stdout) == (0, f"{good}: 2 rows OK (prompt rows, 2 tasks)\n")
@@ -211,7 +235,12 @@ def test_ten_megabyte_line(tmp_path, no_model):
     bad.write_text('{"prompt": "hi"}\n' + json.dumps({"prompt": ten_mb_prompt()})[:-2])
     stderr = expected_stderr(
         bad,
-        [(2, "malformed JSON: Unterminated string starting at column 12 (the file ends inside this line: truncated?)")],
+        [
+            (
+                2,
+                "malformed JSON: Unterminated string starting at column 12 (the file ends inside this line: truncated?)",
+            )
+        ],
     )
     assert_rejected(tmp_path, bad, stderr)
 
@@ -219,8 +248,14 @@ def test_ten_megabyte_line(tmp_path, no_model):
 @pytest.mark.slow
 def test_ten_megabyte_prompt_becomes_a_context_error_record(tmp_path, tiny_model):
     f = tmp_path / "big.jsonl"
-    f.write_text(json.dumps({"id": "big", "prompt": ten_mb_prompt()}) + "\n" + '{"id": "small", "prompt": "hi"}\n')
-    result = invoke("process", str(f), "-m", tiny_model, "--max-tokens", "3", "-q", "--max-errors", "1")
+    f.write_text(
+        json.dumps({"id": "big", "prompt": ten_mb_prompt()})
+        + "\n"
+        + '{"id": "small", "prompt": "hi"}\n'
+    )
+    result = invoke(
+        "process", str(f), "-m", tiny_model, "--max-tokens", "3", "-q", "--max-errors", "1"
+    )
     assert result.exit_code == 0, result.output
     big, small = read_jsonl(tmp_path / "big.out.jsonl")
     assert big["id"] == "big" and big["error"]["code"] == "context_length_exceeded"
@@ -247,15 +282,27 @@ def test_ten_megabyte_prompt_becomes_a_context_error_record(tmp_path, tiny_model
         (
             pa.table({"text": [{"a": 1}, {"a": 2}]}),
             [
-                (1, "field 'text' used by the template is a nested object; templates take strings and numbers (at $.text)"),
-                (2, "field 'text' used by the template is a nested object; templates take strings and numbers (at $.text)"),
+                (
+                    1,
+                    "field 'text' used by the template is a nested object; templates take strings and numbers (at $.text)",
+                ),
+                (
+                    2,
+                    "field 'text' used by the template is a nested object; templates take strings and numbers (at $.text)",
+                ),
             ],
         ),
         (
             pa.table({"text": [["a"], ["b", "c"]]}),
             [
-                (1, "field 'text' used by the template is a nested array; templates take strings and numbers (at $.text)"),
-                (2, "field 'text' used by the template is a nested array; templates take strings and numbers (at $.text)"),
+                (
+                    1,
+                    "field 'text' used by the template is a nested array; templates take strings and numbers (at $.text)",
+                ),
+                (
+                    2,
+                    "field 'text' used by the template is a nested array; templates take strings and numbers (at $.text)",
+                ),
             ],
         ),
     ],
@@ -264,7 +311,9 @@ def test_ten_megabyte_prompt_becomes_a_context_error_record(tmp_path, tiny_model
 def test_parquet_template_column_problems(tmp_path, no_model, table, problems):
     inp = tmp_path / "rows.parquet"
     pq.write_table(table, inp)
-    assert_rejected(tmp_path, inp, expected_stderr(inp, problems), "--template", "Review: {{ text }}")
+    assert_rejected(
+        tmp_path, inp, expected_stderr(inp, problems), "--template", "Review: {{ text }}"
+    )
 
 
 # -- paths: a directory or missing file as input, an output in a missing directory -------------
@@ -284,7 +333,9 @@ def test_output_in_a_missing_directory(tmp_path, no_model):
     out = tmp_path / "nope" / "deeper" / "o.jsonl"
     result = invoke("process", str(inp), "-o", str(out), "-m", str(tmp_path / "m"))
     assert result.exit_code == 1
-    assert result.stderr == expected_stderr(out, [(None, f"output directory {out.parent} does not exist")])
+    assert result.stderr == expected_stderr(
+        out, [(None, f"output directory {out.parent} does not exist")]
+    )
     assert tree(tmp_path) == before
 
 
@@ -293,7 +344,13 @@ def test_unreadable_input_schema(tmp_path, no_model):
     schema = tmp_path / "schema.json"
     schema.write_text("{not json")
     stderr = expected_stderr(
-        schema, [(None, "cannot read schema: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")]
+        schema,
+        [
+            (
+                None,
+                "cannot read schema: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+            )
+        ],
     )
     assert_rejected(tmp_path, inp, stderr, "--input-schema", str(schema))
 
@@ -303,10 +360,19 @@ def test_unreadable_input_schema(tmp_path, no_model):
     [
         ([], "Error: missing INPUT (give it as an argument or as 'input' in --job)"),
         (["{inp}", "--input-format", "rows"], "Error: --input-format rows needs --template"),
-        (["{inp}", "--max-tokens", "0"], "Error: Invalid value for '--max-tokens': 0 is not in the range x>=1."),
+        (
+            ["{inp}", "--max-tokens", "0"],
+            "Error: Invalid value for '--max-tokens': 0 is not in the range x>=1.",
+        ),
         # (Click words this one differently across versions; the option is what must be named.)
-        (["{inp}", "--temprature", "1"], re.compile(r"Error: No such option:? '?--temprature'?.*--temperature.*")),
-        (["{inp}", "--input-format", "csv"], "Error: Invalid value for '--input-format': 'csv' is not one of 'auto', 'prompt', 'messages', 'openai', 'rows'."),
+        (
+            ["{inp}", "--temprature", "1"],
+            re.compile(r"Error: No such option:? '?--temprature'?.*--temperature.*"),
+        ),
+        (
+            ["{inp}", "--input-format", "csv"],
+            "Error: Invalid value for '--input-format': 'csv' is not one of 'auto', 'prompt', 'messages', 'openai', 'rows'.",
+        ),
     ],
     ids=["no-input", "rows-without-template", "bad-value", "unknown-option", "bad-choice"],
 )
@@ -327,9 +393,18 @@ def test_usage_errors_exit_2(tmp_path, no_model, args, message):
     "template, message",
     [
         ("{% include '/etc/passwd' %}", "template error: no loader for this environment specified"),
-        ("{% extends '/etc/hostname' %}", "template error: no loader for this environment specified"),
-        ("{% import 'os' as os %}{{ os.system('id') }}", "template error: no loader for this environment specified"),
-        ("{% from 'subprocess' import call %}{{ call('id') }}", "template error: no loader for this environment specified"),
+        (
+            "{% extends '/etc/hostname' %}",
+            "template error: no loader for this environment specified",
+        ),
+        (
+            "{% import 'os' as os %}{{ os.system('id') }}",
+            "template error: no loader for this environment specified",
+        ),
+        (
+            "{% from 'subprocess' import call %}{{ call('id') }}",
+            "template error: no loader for this environment specified",
+        ),
         (
             "{{ cycler.__init__.__globals__.__builtins__.open('/etc/passwd').read() }}",
             "template blocked by the sandbox: access to attribute '__init__' of 'type' object is unsafe.",
@@ -343,7 +418,15 @@ def test_usage_errors_exit_2(tmp_path, no_model, args, message):
             "template blocked by the sandbox: access to attribute '__dict__' of 'TemplateReference' object is unsafe.",
         ),
     ],
-    ids=["include-file", "extends-file", "import-os", "from-import", "builtins-open", "globals-os", "self-dict"],
+    ids=[
+        "include-file",
+        "extends-file",
+        "import-os",
+        "from-import",
+        "builtins-open",
+        "globals-os",
+        "self-dict",
+    ],
 )
 def test_template_cannot_read_files_or_import(tmp_path, no_model, template, message):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"text": "x"}])
@@ -390,12 +473,28 @@ def test_row_values_are_never_used_as_paths(tmp_path, tiny_model):
         {"id": f"/tmp/mlxbatch-{tag}", "prompt": "b"},
         {"custom_id": f"../../escape-{tag}.jsonl", "prompt": "c"},
         {"id": "out", "prompt": "d", "output": f"/tmp/mlxbatch-{tag}"},
-        {"id": "meta", "prompt": "e", "metadata": {"path": f"../../escape-{tag}", "store": f"/tmp/mlxbatch-{tag}"}},
+        {
+            "id": "meta",
+            "prompt": "e",
+            "metadata": {"path": f"../../escape-{tag}", "store": f"/tmp/mlxbatch-{tag}"},
+        },
         {"id": "stop", "prompt": "f", "stop": [f"/tmp/mlxbatch-{tag}"]},
     ]
     inp = write_jsonl(work / "in.jsonl", rows)
     before_tmp = set(os.listdir("/tmp"))
-    result = invoke("process", str(inp), "-o", str(work / "out.jsonl"), "-m", tiny_model, "--max-tokens", "2", "-q", "--max-errors", "1")
+    result = invoke(
+        "process",
+        str(inp),
+        "-o",
+        str(work / "out.jsonl"),
+        "-m",
+        tiny_model,
+        "--max-tokens",
+        "2",
+        "-q",
+        "--max-errors",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     for target in targets:
         for suffix in ("", ".jsonl", ".mlxbatch.sqlite", ".lock"):
@@ -411,4 +510,7 @@ def test_row_values_are_never_used_as_paths(tmp_path, tiny_model):
     ]
     out = read_jsonl(work / "out.jsonl")
     assert [r["id"] for r in out] == [r.get("id", r.get("custom_id")) for r in rows]
-    assert out[3]["error"] == {"code": "unsupported_parameter", "message": "unsupported parameter(s): output"}
+    assert out[3]["error"] == {
+        "code": "unsupported_parameter",
+        "message": "unsupported parameter(s): output",
+    }

@@ -205,3 +205,43 @@ def test_choice_distribution_and_pick():
     draws = {constrain.pick_choice(probs, 1.0, f"s{i}") for i in range(50)}
     assert draws == {"a", "b"}
     assert constrain.pick_choice(probs, 1.0, "same") == constrain.pick_choice(probs, 1.0, "same")
+
+
+def test_sampling_parameters_and_logprobs(tmp_path, tiny_model):
+    rows = [
+        {"id": "greedy", "prompt": "hello there", "top_logprobs": 3},
+        {"id": "top1", "prompt": "hello there", "temperature": 1.5, "top_k": 1},
+        {"id": "bias", "prompt": "hello there", "logit_bias": {"65": 100}},
+        {"id": "minp", "prompt": "hello there", "temperature": 1.5, "min_p": 1.0},
+        {"id": "norep", "prompt": "hello there", "logprobs": True, "max_tokens": 16},
+        {
+            "id": "rep",
+            "prompt": "hello there",
+            "repetition_penalty": 50.0,
+            "logprobs": True,
+            "max_tokens": 16,
+        },
+    ]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    assert process(str(f), "-m", tiny_model, "--max-tokens", "5", "-o", str(out)).exit_code == 0
+    greedy, top1, bias, minp, norep, rep = read_jsonl(out)
+    # top_k=1 and min_p=1 keep only the most likely token: sampling becomes greedy.
+    assert top1["output"] == greedy["output"] == minp["output"]
+    content = greedy["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == greedy["output"]
+    for c in content:
+        assert len(c["top_logprobs"]) == 3
+        assert c["top_logprobs"][0]["logprob"] == c["logprob"] <= 0
+        assert [t["logprob"] for t in c["top_logprobs"]] == sorted(
+            (t["logprob"] for t in c["top_logprobs"]), reverse=True
+        )
+    assert bias["output"] == "_____"  # token 65 is "_" in the tiny tokenizer
+
+    # A huge repetition penalty cuts the repeats greedy decoding of a random model makes.
+    def repeats(record):
+        tokens = [c["token"] for c in record["logprobs"]["content"]]
+        return len(tokens) - len(set(tokens))
+
+    assert repeats(norep) > 0
+    assert repeats(rep) < repeats(norep)

@@ -26,7 +26,7 @@ values = st.one_of(
 messages = st.lists(
     st.fixed_dictionaries(
         {
-            "role": st.sampled_from(["user", "system", "robot", 3]),
+            "role": st.sampled_from(["user", "system", "robot", 3, ["user"]]),
             "content": st.one_of(st.text(max_size=3), st.integers()),
         }
     ),

@@ -135,7 +135,7 @@ def openai_record(rows: list[ExportRow], model: str) -> dict:
             choice["message"] = {"role": "assistant", "content": r.text or ""}
         else:
             choice["text"] = r.text or ""
-        choice.update(logprobs=None, finish_reason=r.finish_reason)
+        choice.update(logprobs=(r.extra or {}).get("logprobs"), finish_reason=r.finish_reason)
         choices.append(choice)
     prompt = first.prompt_tokens or 0
     completion = sum(r.completion_tokens or 0 for r in rows)

@@ -42,6 +42,11 @@ class JobSpec:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
     json_schema: str | None = None
     choices: list[str] | None = None
     regex: str | None = None
@@ -91,6 +96,11 @@ class JobSpec:
             seed=self.seed,
             stop=tuple(self.stop),
             n=self.n,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=self.logprobs or self.top_logprobs > 0,
+            top_logprobs=self.top_logprobs,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -298,10 +298,13 @@ class _BatchRun:
             max_tokens=[t.params.max_tokens for t in tasks],
             caches=caches,
             samplers=[_sampler(t) for t in tasks],
-            logits_processors=[_constraint_processors(t, masks) for t in tasks],
+            logits_processors=[_processors(t, masks) for t in tasks],
         )
         self.tasks = dict(zip(uids, tasks, strict=False))
         self.tokens: dict[int, list[int]] = {u: [] for u in uids}
+        self.logprobs: dict[int, list[dict]] = {
+            u: [] for u, t in self.tasks.items() if t.params.logprobs
+        }
         self.stops = {
             u: _StopWatch(t.params.stop, engine.tokenizer)
             for u, t in self.tasks.items()
@@ -316,6 +319,8 @@ class _BatchRun:
             if self.limit is not None and active > self.limit:
                 raise RuntimeError(f"[malloc] injected out of memory with {active} rows")
             for r in self.gen.next_generated():
+                if r.finish_reason != "stop" and r.uid in self.logprobs:
+                    self.logprobs[r.uid].append(self._token_logprobs(r.uid, r.token, r.logprobs))
                 self._advance(r.uid, r.token, r.finish_reason)
         return True
 
@@ -331,6 +336,21 @@ class _BatchRun:
         if finish is not None:
             self._finish(uid, finish)
 
+    def _token_logprobs(self, uid: int, token: int, logprobs: Any) -> dict:
+        """OpenAI's per-token logprob entry, with the row's top_logprobs alternatives."""
+        import mlx.core as mx
+
+        decode = self.engine.tokenizer.decode
+        entry: dict[str, Any] = {"token": decode([token]), "logprob": logprobs[token].item()}
+        k = self.tasks[uid].params.top_logprobs
+        if k:
+            top = mx.argpartition(-logprobs, k - 1)[:k]
+            ids: list[int] = top.tolist()  # type: ignore[assignment]
+            values: list[float] = logprobs[top].tolist()  # type: ignore[assignment]
+            pairs = sorted(zip(ids, values, strict=True), key=lambda p: -p[1])
+            entry["top_logprobs"] = [{"token": decode([t]), "logprob": v} for t, v in pairs]
+        return entry
+
     def _finish(self, uid: int, finish: str) -> None:
         task = self.tasks.pop(uid)
         tokens = self.tokens.pop(uid)
@@ -344,6 +364,7 @@ class _BatchRun:
         stats.prompt_tokens += len(task.prompt_ids)
         stats.generated_tokens += len(tokens)
         self.done.add(task.key)
+        logprobs = self.logprobs.pop(uid, None)
         self.on_result(
             Result(
                 key=task.key,
@@ -352,6 +373,7 @@ class _BatchRun:
                 prompt_tokens=len(task.prompt_ids),
                 completion_tokens=len(tokens),
                 created=int(time.time()),
+                extra={"logprobs": {"content": logprobs}} if logprobs is not None else {},
             )
         )
 
@@ -386,7 +408,7 @@ def _sampler(task: Task) -> Callable | None:
     if params.temperature <= 0:
         return None
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     material = f"{params.seed}:{task.id}:{task.sample_index}".encode()
     state = [mx.random.key(int.from_bytes(hashlib.sha256(material).digest()[:8], "little"))]
@@ -398,16 +420,35 @@ def _sampler(task: Task) -> Callable | None:
         state[0] = keys[0]
         if params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
+        if params.min_p > 0.0:
+            logprobs = apply_min_p(logprobs, params.min_p)
+        if params.top_k > 0:
+            logprobs = apply_top_k(logprobs, params.top_k)
         return mx.random.categorical(logprobs * inv_temp, key=keys[1])
 
     return sample
 
 
-def _constraint_processors(task: Task, masks: Any) -> list[Callable]:
+def _processors(task: Task, masks: Any) -> list[Callable]:
+    """The row's logits processors: logit bias, repetition penalty, then its grammar mask."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    params = task.params
+    processors: list[Callable] = []
+    if params.logit_bias:
+        ids = mx.array([i for i, _ in params.logit_bias])
+        bias = mx.array([b for _, b in params.logit_bias])
+        processors.append(lambda tokens, logits: logits.at[:, ids].add(bias.astype(logits.dtype)))
+    if params.repetition_penalty != 1.0:
+        processors.append(make_repetition_penalty(params.repetition_penalty, context_size=20))
+    if params.constraint is not None:
+        processors.append(_constraint_processor(params.constraint, masks))
+    return processors
+
+
+def _constraint_processor(constraint: dict, masks: Any) -> Callable:
     """A logits processor that masks every token the row's grammar does not allow next."""
-    constraint = task.params.constraint
-    if constraint is None:
-        return []
     import mlx.core as mx
 
     row = masks.matcher(constraint)
@@ -420,7 +461,7 @@ def _constraint_processors(task: Task, masks: Any) -> list[Callable]:
         allowed = mx.array(row.allowed(sampled))
         return mx.where(allowed, logits, mx.array(-float("inf"), logits.dtype))
 
-    return [process]
+    return process
 
 
 def _injected_oom_limit() -> int | None:

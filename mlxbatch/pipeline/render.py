@@ -137,6 +137,22 @@ def task_key(
         sample_index if sampling else None,
         json.dumps(params.constraint, sort_keys=True) if params.constraint else None,
     ]
+    # Newer parameters join the key only when set, so keys of plain rows stay as they were.
+    extras = {
+        "top_k": params.top_k if sampling else 0,
+        "min_p": params.min_p if sampling else 0.0,
+        "repetition_penalty": params.repetition_penalty,
+        "logit_bias": [list(b) for b in params.logit_bias],
+        "logprobs": params.top_logprobs if params.logprobs else -1,
+    }
+    defaults = {
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "logit_bias": [],
+        "logprobs": -1,
+    }
+    payload += [[k, v] for k, v in extras.items() if v != defaults[k]]
     blob = json.dumps(payload, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

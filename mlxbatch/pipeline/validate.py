@@ -27,13 +27,16 @@ from mlxbatch.records import (
 )
 from mlxbatch.schemas import load_schema
 
-PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
+PARAM_FIELDS: tuple[str, ...] = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
+PARAM_FIELDS += ("top_k", "min_p")
+PARAM_FIELDS += ("repetition_penalty", "logprobs", "top_logprobs")
 CONSTRAINT_FIELDS = ("response_format", "choices", "regex")
 ID_FIELDS = ("custom_id", "id")
 ROW_FIELDS = {"prompt", "messages", "metadata", "max_completion_tokens", *PARAM_FIELDS, *ID_FIELDS}
 ROW_FIELDS |= set(CONSTRAINT_FIELDS)
 OPENAI_BODY_FIELDS = {"model", "messages", "prompt", "user", "max_completion_tokens", *PARAM_FIELDS}
-OPENAI_BODY_FIELDS |= {"response_format"}
+OPENAI_BODY_FIELDS |= {"response_format", "logit_bias"}
+ROW_FIELDS |= {"logit_bias"}
 NO_PROMPT = "row has neither 'prompt' nor 'messages' (pass --template to render other rows)"
 OPENAI_URLS = {"/v1/chat/completions": MESSAGES, "/v1/completions": PROMPT}
 
@@ -197,6 +200,11 @@ _PARAM_CHECKS = {
         or (isinstance(x, list) and len(x) <= 16 and all(isinstance(s, str) and s for s in x))
     ),
     "n": lambda x: _is_int(x) and 1 <= x <= 1024,
+    "top_k": lambda x: _is_int(x) and x >= 0,
+    "min_p": lambda x: _is_number(x) and 0 <= x <= 1,
+    "repetition_penalty": lambda x: _is_number(x) and x > 0,
+    "logprobs": lambda x: isinstance(x, bool),
+    "top_logprobs": lambda x: _is_int(x) and 0 <= x <= 20,
 }
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -207,7 +215,7 @@ def _plainly_valid(kind: str, data: dict) -> bool:
     Returns True only for rows the record schema accepts, so messages and paths of every
     rejected row still come from jsonschema. Saves ~30 us a row on million-row files.
     """
-    if kind == OPENAI or any(k in data for k in CONSTRAINT_FIELDS):
+    if kind == OPENAI or any(k in data for k in (*CONSTRAINT_FIELDS, "logit_bias")):
         return False
     if kind == PROMPT and not isinstance(data.get("prompt"), str):
         return False
@@ -218,7 +226,8 @@ def _plainly_valid(kind: str, data: dict) -> bool:
         for m in messages:
             if not (
                 isinstance(m, dict)
-                and m.get("role") in _ROLES
+                and isinstance(m.get("role"), str)
+                and m["role"] in _ROLES
                 and isinstance(m.get("content"), str)
             ):
                 return False
@@ -278,6 +287,12 @@ def _params(source: dict, defaults: GenParams, ctx: ValidationContext) -> GenPar
         values["constraint"] = ctx.read_constraint(source)
     if "max_completion_tokens" in source:
         values["max_tokens"] = source["max_completion_tokens"]
+    if "logit_bias" in source:
+        values["logit_bias"] = tuple(
+            sorted((int(k), float(v)) for k, v in source["logit_bias"].items())
+        )
+    if values.get("top_logprobs"):
+        values["logprobs"] = True
     if isinstance(values.get("stop"), str):
         values["stop"] = (values["stop"],)
     elif "stop" in values:
