@@ -63,6 +63,25 @@ def _input_options(f: Callable) -> Callable:
     return f
 
 
+def _check_ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    import importlib.util
+
+    from mlxbatch.jobs.ray_executor import INSTALL_HINT, valid_address
+
+    if not valid_address(value):
+        raise click.BadParameter(
+            f"{value!r} is not a Ray address (auto, local, HOST:PORT or ray://HOST:PORT); "
+            "give INPUT before --ray, or write --ray=ADDRESS",
+            ctx,
+            param,
+        )
+    if importlib.util.find_spec("ray") is None:
+        raise click.BadParameter(f"Ray is not installed: {INSTALL_HINT}", ctx, param)
+    return value
+
+
 def _generation_options(f: Callable) -> Callable:
     options = [
         click.option(
@@ -216,6 +235,21 @@ def _generation_options(f: Callable) -> Callable:
             show_default=True,
             help="Failed rows tolerated before the exit code is 1.",
         ),
+        click.option(
+            "--ray",
+            is_flag=False,
+            flag_value="auto",
+            default=None,
+            metavar="[ADDRESS]",
+            callback=_check_ray_address,
+            help="Generate on a Ray cluster (pip install 'mlxbatch[ray]'): alone, the cluster "
+            "running here, else a new local one; or ADDRESS (HOST:PORT). Put it after INPUT.",
+        ),
+        click.option(
+            "--ray-workers",
+            type=click.IntRange(min=1),
+            help="Ray workers, each holding the model  [default: one per mlx unit, GPU or node]",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for option in reversed(options):
@@ -273,12 +307,11 @@ def _handle_input_problems(f: Callable) -> Callable:
 
 
 def _os_error(e: OSError) -> str:
+    from mlxbatch.jobs.store import DISK_FULL_HINT
+
     text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        text += (
-            " (finished rows are kept in the store: free some space and run the same command "
-            "again to resume)"
-        )
+        text += f"; {DISK_FULL_HINT}"
     return text
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
 from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path, iter_requests
+from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.pipeline import plan
@@ -185,6 +186,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     }
     progress = _progress(spec, check.tasks)
     committer = _Committer(store, summary, progress, checkpoint)
+    pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
+    generate = pool.generate_window if pool is not None else generate_window
     try:
         seq = 0
         for window in _windows(iter_requests(spec, check.kind), spec.window):
@@ -202,7 +205,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
                 summary.start_generating()
-                generate_window(
+                generate(
                     todo,
                     spec,
                     engine,
@@ -215,6 +218,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             if stopping:
                 break
     finally:
+        if pool is not None:
+            pool.close()
         progress.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

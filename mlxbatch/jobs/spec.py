@@ -57,6 +57,9 @@ class JobSpec:
     fresh: bool = False
     max_errors: int = 0
     quiet: bool = False
+    ray: str | None = None  # Ray address ("auto", HOST:PORT): generate on a Ray cluster
+    ray_workers: int | None = None  # Ray actors (default: one per machine / GPU / mlx unit)
+    executor: str | None = None  # "local" | "ray" (job files); None: Ray when `ray` is set
 
     @property
     def output_path(self) -> str:
@@ -69,6 +72,15 @@ class JobSpec:
     @property
     def errors_path(self) -> str:
         return errors_path(self.output_path)
+
+    @property
+    def ray_address(self) -> str | None:
+        """The Ray cluster that generates, or None to generate in this process."""
+        if self.executor == "local":
+            return None
+        if self.executor == "ray" or self.ray:
+            return self.ray or "auto"
+        return None
 
     def default_constraint(self) -> dict | None:
         """The job-wide constraint from --json-schema, --choices or --regex."""

@@ -105,6 +105,10 @@ class _Faults:
 FAULTS = _Faults()
 
 
+DISK_FULL_HINT = (
+    "finished rows are kept in the store: free some space and run the same command again to resume"
+)
+
 # SQLite messages for a file that is not a sound store (damaged pages, schema, or text).
 DAMAGE_MESSAGES = (
     "malformed",
@@ -185,10 +189,7 @@ class Store:
         name = getattr(e, "sqlite_errorname", None) or ""
         text = str(e)
         if name == "SQLITE_FULL" or "database or disk is full" in text:
-            return StoreError(
-                f"{self.path}: no space left on device ({e}); every finished batch is kept: "
-                "free some space and run the same command again to resume"
-            )
+            return StoreError(f"{self.path}: no space left on device ({e}); {DISK_FULL_HINT}")
         if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(
             m in text for m in DAMAGE_MESSAGES
         ):

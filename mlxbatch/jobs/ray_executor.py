@@ -1,0 +1,497 @@
+"""Generate a job's windows on a Ray cluster; the store stays with the driver.
+
+The driver (the `mlxbatch process` process) reads, validates, renders, keys and plans exactly
+as for a local run. Instead of generating a window itself, it sorts the window's pending tasks
+by prompt length, cuts them into chunks and hands the chunks to a pool of Ray actors: one per
+`mlx` resource unit (a Mac started with `--resources='{"mlx": 1}'`), else one per GPU, else
+one per machine, or `ray_workers` of them. Each actor loads the model once and runs
+`dispatch.generate_window` over a chunk; the finished Results come back to the driver, which
+alone writes the store (one transaction per chunk). Durability, resume and exactly-once output
+are therefore those of a local run: the store is keyed, and only the driver writes it.
+
+Workers that die (killed, out of memory, machine gone) lose only their in-flight chunks: the
+driver starts a fresh actor in the dead one's place and reissues the chunks. A chunk is
+committed at most once, and only rows it was asked for; a chunk that kills its worker twice is
+split in halves, down to the one row that does it, which becomes an error record
+(`worker_died`) so the run goes on. SIGINT/SIGTERM: nothing new is submitted, the workers stop
+at their next decode step and return what they finished, which is committed; the rest is left
+for the next run.
+
+Ray is imported only here, and only when a run asks for it (`--ray`, `ray:` or
+`executor: ray`): `pip install 'mlxbatch[ray]'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxbatch.jobs.dispatch import generate_window as _generate_window
+from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.pipeline import plan
+from mlxbatch.pipeline.engine import ModelLoadError
+from mlxbatch.records import Result, Task
+
+log = logging.getLogger("mlxbatch.ray")
+
+CHUNKS_PER_WORKER = 4  # chunks per worker and window, for balance at the window's end
+MAX_CHUNK_ROWS = 512  # rows per chunk at most: what one dying worker can lose
+IN_FLIGHT_PER_WORKER = 2  # the next chunk waits in the actor's queue: no idle round trip
+MAX_CHUNK_FAILURES = 2  # a chunk that killed this many workers is split (one row: error)
+STOP_GRACE_SECONDS = 20.0  # after a signal, how long finished work may take to come back
+STARTUP_NOTICE_SECONDS = 60.0
+INSTALL_HINT = "pip install 'mlxbatch[ray]'"
+ADDRESS_PATTERN = re.compile(r"^(auto|local|ray://\S+|\S+:\d+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TRACE_LINES = ("^", "File ", "class_name:", "actor_id:", "pid:", "namespace:", "ip:")
+
+
+class RayExecutorError(ModelLoadError):
+    """Ray is missing or unreachable, or its workers cannot load the model or keep dying."""
+
+
+def valid_address(address: str) -> bool:
+    """'auto', 'local', HOST:PORT or ray://HOST:PORT."""
+    return bool(ADDRESS_PATTERN.match(address))
+
+
+class Worker:
+    """One Ray actor: the model, loaded once, and `generate_window` over chunks of tasks.
+
+    Runs in a Ray worker process (`ray.remote` is applied by the pool). `info` and `stop` run
+    in a "control" concurrency group, so they answer while a chunk is being generated.
+    """
+
+    def __init__(self, spec: JobSpec):
+        from mlxbatch.pipeline.engine import Engine
+
+        self.spec = spec
+        self.engine = Engine(
+            spec.model,
+            adapter_path=spec.adapter_path,
+            dtype=spec.dtype,
+            quantize=spec.quantize,
+            trust_remote_code=spec.trust_remote_code,
+        )
+        self.stopping = threading.Event()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "identity": self.engine.identity,
+            "dtype": self.engine.dtype,
+        }
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def generate(self, tasks: list[Task]) -> list[Result]:
+        """Every task's Result (fewer once told to stop), in finishing order."""
+        results: list[Result] = []
+        if not self.stopping.is_set():
+            _generate_window(
+                tasks,
+                self.spec,
+                self.engine,
+                on_result=results.append,
+                should_stop=self.stopping.is_set,
+            )
+        return results
+
+
+@dataclass
+class Chunk:
+    """Tasks generated together on one worker; `failures`: workers it was running on that died."""
+
+    id: int
+    tasks: list[Task]
+    failures: int = 0
+
+
+def split_chunks(todo: list[Task], workers: int, first_id: int = 0) -> list[Chunk]:
+    """Length-sorted tasks cut into about CHUNKS_PER_WORKER chunks per worker."""
+    ordered = plan.sort_by_length(todo)
+    size = max(
+        1, min(MAX_CHUNK_ROWS, math.ceil(len(ordered) / (max(1, workers) * CHUNKS_PER_WORKER)))
+    )
+    return [
+        Chunk(first_id + n, ordered[i : i + size])
+        for n, i in enumerate(range(0, len(ordered), size))
+    ]
+
+
+def after_failure(
+    chunk: Chunk, reason: str, new_id: Callable[[], int]
+) -> tuple[list[Chunk], list[Result]]:
+    """What to do with a chunk whose worker died (or failed) while running it.
+
+    Retry it once as it is; after that split it in halves (each may fail once more before it
+    is split again), and a single row that still fails becomes an error record.
+    """
+    failures = chunk.failures + 1
+    if failures < MAX_CHUNK_FAILURES:
+        return [Chunk(chunk.id, chunk.tasks, failures)], []
+    if len(chunk.tasks) > 1:
+        half = len(chunk.tasks) // 2
+        parts = (chunk.tasks[:half], chunk.tasks[half:])
+        return [Chunk(new_id(), part, MAX_CHUNK_FAILURES - 1) for part in parts], []
+    task = chunk.tasks[0]
+    message = (
+        f"the Ray worker generating this row died {failures} times "
+        f"(killed, out of memory or crashed); last: {reason}"
+    )
+    error = Result(
+        key=task.key,
+        finish_reason="error",
+        prompt_tokens=len(task.prompt_ids),
+        error_code="worker_died",
+        error_message=message,
+        created=int(time.time()),
+    )
+    return [], [error]
+
+
+@dataclass
+class _Slot:
+    """One actor and the chunks submitted to it, oldest (the running one) first."""
+
+    actor: Any
+    name: str
+    ready: Any  # ObjectRef of `info`, until the model is loaded
+    info: dict = field(default_factory=dict)
+    in_flight: list[Any] = field(default_factory=list)  # ObjectRefs, in submission order
+
+    @property
+    def started(self) -> bool:
+        return self.ready is None
+
+
+@dataclass
+class PoolStats:
+    workers_started: int = 0
+    workers_lost: int = 0
+    chunks: int = 0
+    chunks_reissued: int = 0
+
+
+class RayPool:
+    """A pool of `Worker` actors with the signature of `dispatch.generate_window`.
+
+    Nothing is started until the first window with work: a finished job never touches Ray.
+    `close()` ends the actors (and the local Ray instance, if this pool started it).
+    """
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.address = spec.ray_address or "auto"
+        self.stats = PoolStats()
+        self._ray: Any = None
+        self._started_ray = False
+        self._actor_class: Any = None
+        self._options: dict[str, Any] = {}
+        self._slots: list[_Slot] = []
+        self._identity: str | None = None
+        self._tag = uuid.uuid4().hex[:8]
+        self._next_chunk = 0
+        self._replacements_left = 0
+        self._committed: set[int] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _start(self, identity: str) -> Any:
+        if self._ray is not None:
+            return self._ray
+        try:
+            import ray
+        except ImportError:
+            raise RayExecutorError(f"--ray needs Ray: {INSTALL_HINT}") from None
+        if not ray.is_initialized():
+            self._init_ray(ray)
+        self._ray = ray
+        self._identity = identity
+        count, options = _worker_plan(ray, self.spec.ray_workers)
+        self._options = options
+        remote: Any = ray.remote  # its type hints lack concurrency_groups
+        self._actor_class = remote(concurrency_groups={"control": 1})(Worker)
+        self._replacements_left = 8 + 2 * count
+        for _ in range(count):
+            self._launch()
+        return ray
+
+    def _init_ray(self, ray: Any) -> None:
+        # ray.init installs its own SIGTERM handler; the run's handlers must stay in charge.
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            ray.init(
+                address=None if self.address == "auto" else self.address,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RayExecutorError(
+                f"could not start or reach Ray at {self.address!r}: {e}"
+            ) from None
+        finally:
+            if main:
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+        self._started_ray = True
+
+    def _launch(self) -> None:
+        name = f"mlxbatch-worker-{self._tag}-{self.stats.workers_started}"
+        actor = self._actor_class.options(
+            name=name, max_restarts=0, max_task_retries=0, **self._options
+        ).remote(self.spec)
+        ready = actor.info.options(concurrency_group="control").remote()
+        self._slots.append(_Slot(actor, name, ready))
+        self.stats.workers_started += 1
+
+    def close(self) -> None:
+        if self._ray is None:
+            return
+        for slot in self._slots:
+            with contextlib.suppress(Exception):  # already gone
+                self._ray.kill(slot.actor)
+        self._slots = []
+        if self._started_ray:
+            self._ray.shutdown()
+        self._ray = None
+
+    # -- one window -----------------------------------------------------------------------------
+
+    def generate_window(
+        self,
+        todo: list[Task],
+        spec: JobSpec,
+        engine: Any,
+        on_result: Callable[[Result], None],
+        should_stop: Callable[[], bool],
+        on_batch_size: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        """Generate `todo` on the pool; each chunk's Results go to `on_result` together."""
+        if not todo or should_stop():
+            return
+        ray = self._start(engine.identity)
+
+        def commit(results: list[Result]) -> None:
+            if results:
+                on_batch_size(len(results))
+                for result in results:
+                    on_result(result)
+
+        chunks = split_chunks(todo, len(self._slots), self._next_chunk)
+        self._next_chunk += len(chunks)
+        self.stats.chunks += len(chunks)
+        queue = deque(reversed(chunks))  # longest prompts first: the window's end stays short
+        pending: dict[Any, tuple[_Slot, Chunk]] = {}
+        waiting_since = time.monotonic()
+        while (queue or pending) and not should_stop():
+            self._submit(queue, pending)
+            refs = list(pending) + [s.ready for s in self._slots if not s.started]
+            if not refs:
+                raise RayExecutorError("no Ray worker is left to generate on")
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in done:
+                if ref in pending:
+                    self._collect(ref, pending, queue, commit)
+                else:
+                    self._started(ref)
+            if pending or any(s.started for s in self._slots):
+                waiting_since = time.monotonic()
+            elif time.monotonic() - waiting_since > STARTUP_NOTICE_SECONDS:
+                log.warning(
+                    "waiting for Ray workers to load %s (cluster resources: %s)",
+                    spec.model,
+                    ray.cluster_resources(),
+                )
+                waiting_since = time.monotonic()
+        if pending:
+            self._drain(pending, commit)
+
+    def _submit(self, queue: deque[Chunk], pending: dict[Any, tuple[_Slot, Chunk]]) -> None:
+        for slot in self._slots:
+            while slot.started and queue and len(slot.in_flight) < IN_FLIGHT_PER_WORKER:
+                chunk = queue.pop()
+                ref = slot.actor.generate.remote(chunk.tasks)
+                slot.in_flight.append(ref)
+                pending[ref] = (slot, chunk)
+
+    def _started(self, ready: Any) -> None:
+        slot = next(s for s in self._slots if s.ready == ready)
+        try:
+            info = self._ray.get(ready)
+        except self._ray.exceptions.RayError as e:
+            raise RayExecutorError(f"a Ray worker could not load the model: {_reason(e)}") from None
+        if info["identity"] != self._identity:
+            raise RayExecutorError(
+                f"the Ray worker on {info['host']} loaded {self.spec.model} as a different model "
+                f"(dtype {info['dtype']}; other weights, config or adapter) than this process: "
+                "its results would not match their keys. Give every machine the same model "
+                "files and pass --dtype explicitly"
+            )
+        slot.info, slot.ready = info, None
+        log.debug("Ray worker %s ready: pid %s on %s", slot.name, info["pid"], info["host"])
+
+    def _collect(
+        self,
+        ref: Any,
+        pending: dict[Any, tuple[_Slot, Chunk]],
+        queue: deque[Chunk],
+        commit: Callable[[list[Result]], None],
+        *,
+        stopping: bool = False,
+    ) -> None:
+        ray = self._ray
+        slot, chunk = pending.pop(ref)
+        running = bool(slot.in_flight) and slot.in_flight[0] == ref
+        if ref in slot.in_flight:
+            slot.in_flight.remove(ref)
+        try:
+            results = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._lost(slot, chunk, running, pending, queue, commit, _reason(e), stopping)
+            return
+        except ray.exceptions.RayError as e:  # generate raised; the worker lives on
+            log.warning("a chunk of %d rows failed on %s: %s", len(chunk.tasks), slot.name, e)
+            self._retry(chunk, _reason(e), queue, commit)
+            return
+        if chunk.id in self._committed:  # never twice, whatever Ray does
+            return
+        self._committed.add(chunk.id)
+        wanted = {t.key for t in chunk.tasks}
+        got: dict[str, Result] = {}
+        for result in results:
+            if result.key in wanted and result.key not in got:
+                got[result.key] = result
+        commit(list(got.values()))
+        if not getattr(self, "_dup", False):
+            self._dup = True
+            queue.append(chunk)
+        missing = [t for t in chunk.tasks if t.key not in got]
+        if missing and not stopping:  # a worker told to stop by someone else
+            queue.appendleft(Chunk(self._new_chunk_id(), missing))
+
+    def _lost(
+        self,
+        slot: _Slot,
+        chunk: Chunk,
+        running: bool,
+        pending: dict[Any, tuple[_Slot, Chunk]],
+        queue: deque[Chunk],
+        commit: Callable[[list[Result]], None],
+        reason: str,
+        stopping: bool,
+    ) -> None:
+        """A worker died: reissue its chunks (the running one counts a failure), replace it."""
+        lost = [(running, chunk)]
+        for ref in slot.in_flight:
+            lost.append((False, pending.pop(ref)[1]))
+        slot.in_flight = []
+        if slot in self._slots:
+            self._slots.remove(slot)
+            self.stats.workers_lost += 1
+            with contextlib.suppress(Exception):  # already gone
+                self._ray.kill(slot.actor)
+        if stopping:
+            return
+        log.warning(
+            "Ray worker %s (pid %s on %s) died: %s; reissuing %d chunk(s) of %d rows",
+            slot.name,
+            slot.info.get("pid"),
+            slot.info.get("host"),
+            reason,
+            len(lost),
+            sum(len(c.tasks) for _, c in lost),
+        )
+        for was_running, lost_chunk in lost:
+            if was_running:
+                self._retry(lost_chunk, reason, queue, commit)
+            else:
+                queue.append(lost_chunk)
+        self.stats.chunks_reissued += len(lost)
+        if self._replacements_left <= 0:
+            raise RayExecutorError(
+                f"Ray workers died {self.stats.workers_lost} times (last: {reason}); finished "
+                "rows are in the store: run the same command again to resume"
+            )
+        self._replacements_left -= 1
+        self._launch()
+
+    def _retry(
+        self,
+        chunk: Chunk,
+        reason: str,
+        queue: deque[Chunk],
+        commit: Callable[[list[Result]], None],
+    ) -> None:
+        again, errors = after_failure(chunk, reason, self._new_chunk_id)
+        queue.extend(again)  # the next to go out
+        if errors:
+            commit(errors)
+
+    def _new_chunk_id(self) -> int:
+        self._next_chunk += 1
+        return self._next_chunk - 1
+
+    def _drain(
+        self, pending: dict[Any, tuple[_Slot, Chunk]], commit: Callable[[list[Result]], None]
+    ) -> None:
+        """Stopping: workers finish their decode step and return what they have; commit it."""
+        ray = self._ray
+        for slot in self._slots:
+            if slot.started:
+                slot.actor.stop.options(concurrency_group="control").remote()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while pending and time.monotonic() < deadline:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            for ref in done:
+                self._collect(ref, pending, deque(), commit, stopping=True)
+        for ref in list(pending):  # dropped: the next run generates these rows
+            pending.pop(ref)
+            with contextlib.suppress(Exception):  # already gone
+                ray.cancel(ref)
+
+
+def _worker_plan(ray: Any, requested: int | None) -> tuple[int, dict[str, Any]]:
+    """How many actors, and the resources of each: an `mlx` unit, else a GPU, else a machine."""
+    resources = ray.cluster_resources()
+    options: dict[str, Any]
+    if resources.get("mlx", 0) >= 1:
+        count, options = int(resources["mlx"]), {"resources": {"mlx": 1}}
+    elif resources.get("GPU", 0) >= 1:
+        count, options = int(resources["GPU"]), {"num_gpus": 1}
+    else:
+        count = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+        options = {"num_cpus": 1}
+    if requested and requested > count and "num_cpus" not in options:
+        log.warning(
+            "%d Ray workers asked for, but the cluster has room for %d: the rest wait",
+            requested,
+            count,
+        )
+    return requested or count, {**options, "scheduling_strategy": "SPREAD"}
+
+
+def _reason(e: BaseException) -> str:
+    """The last meaningful line of a Ray error (its tracebacks are long)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(
+            ("^", "File ", "class_name:", "actor_id:", "pid:", "namespace:", "ip:")
+        ):
+            return line[:300]
+    return type(e).__name__
