@@ -149,7 +149,7 @@ def run_workload(wl: Workload, model: str, args: argparse.Namespace, device: str
                         wl, peer_model, tokenizer, inputs, warmup_rows=args.warmup_rows
                     ),
                 )
-        peer_model = None
+        loaded = peer_model = None  # free the MLX weights before transformers loads its own
         gc.collect()
         mx.clear_cache()
     if "transformers" in want:

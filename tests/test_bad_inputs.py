@@ -316,6 +316,28 @@ def test_parquet_template_column_problems(tmp_path, no_model, table, problems):
     )
 
 
+@pytest.mark.parametrize("offset", [4, 40], ids=["page-header", "page-data"])
+def test_parquet_damaged_inside(tmp_path, no_model, offset):
+    """A sound footer over a damaged page: found while reading, reported as one line, no traceback."""
+    inp = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["alpha", "beta", "gamma"] * 100}), inp, compression="snappy")
+    data = bytearray(inp.read_bytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    inp.write_bytes(bytes(data))
+    for extra in ([], ["--template", "{{ text }}"]):
+        result = invoke(
+            "process", str(inp), "-o", str(tmp_path / "o.jsonl"), "-m", str(tmp_path / "m"), *extra
+        )
+        assert result.exit_code == 1
+        assert re.fullmatch(
+            re.escape(f"{inp}:1: not a readable Parquet file: ")
+            + r"\S[^\n]*\n"
+            + re.escape("Error: 1 input problem(s); nothing was generated\n"),
+            result.stderr,
+        ), result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["rows.parquet"]
+
+
 # -- paths: a directory or missing file as input, an output in a missing directory -------------
 
 

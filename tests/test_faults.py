@@ -29,7 +29,10 @@ from mlxbatch.jobs.store import DISK_FULL_HINT, FAULTS
 from mlxbatch.schemas import load_schema
 from tests.conftest import read_jsonl, write_jsonl
 
-ROWS = [{"id": f"row-{i}", "prompt": f"{i} the cat reads " + "an old map " * (i % 9)} for i in range(300)]
+ROWS = [
+    {"id": f"row-{i}", "prompt": f"{i} the cat reads " + "an old map " * (i % 9)}
+    for i in range(300)
+]
 BATCH = 8
 ARGS = ["--max-tokens", "12", "--batch-size", str(BATCH)]
 DAMAGED = "run again with --fresh to start a new store (the damaged file is kept beside it)"
@@ -55,7 +58,13 @@ def invoke(args: list[str], env: dict | None = None):
 def run_killed(args: list[str], fault: str) -> subprocess.CompletedProcess:
     """Run `mlxbatch` in a subprocess that the MLXBATCH_FAULT hook kills; check it was killed."""
     env = {**os.environ, "MLXBATCH_FAULT": fault}
-    proc = subprocess.run([sys.executable, "-m", "mlxbatch", *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxbatch", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr)
     return proc
 
@@ -99,14 +108,17 @@ def litter(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model) -> bytes:
-    """The uninterrupted run of the 300-row job."""
-    d = tmp_path_factory.mktemp("reference")
+def uninterrupted(d: Path, model: str) -> bytes:
+    """The output of the 300-row job run without faults, in directory `d`."""
     inp = write_jsonl(d / "in.jsonl", ROWS)
-    result = invoke(cli_args(inp, d / "out.jsonl", tiny_model, "-q"))
+    result = invoke(cli_args(inp, d / "out.jsonl", model, "-q"))
     assert result.exit_code == 0, result.output
     return (d / "out.jsonl").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model) -> bytes:
+    return uninterrupted(tmp_path_factory.mktemp("reference"), tiny_model)
 
 
 def kill_then_resume(tmp_path: Path, model: str, reference: bytes, point: str, n: int) -> int:
@@ -190,7 +202,9 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
     for n in range(1, 200):
         FAULTS.reset()
         previous = out.read_bytes()
-        result = CliRunner().invoke(cli, args, catch_exceptions=False, env={"MLXBATCH_FAULT": f"enospc:{n}"})
+        result = CliRunner().invoke(
+            cli, args, catch_exceptions=False, env={"MLXBATCH_FAULT": f"enospc:{n}"}
+        )
         where = FAULTS.fired
         if result.exit_code == 0:
             assert where is None
@@ -198,7 +212,10 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
         fired.append(where.split(":")[0] + ":" + where.split(":")[1].rsplit("/", 1)[-1])
         assert result.exit_code == 1
         if where.startswith("store:"):
-            assert result.stderr == f"Error: {store}: no space left on device (database or disk is full); {DISK_FULL_HINT}\n"
+            assert (
+                result.stderr
+                == f"Error: {store}: No space left on device (database or disk is full); {DISK_FULL_HINT}\n"
+            )
         else:
             assert result.stderr == f"Error: {out}: No space left on device; {DISK_FULL_HINT}\n"
         if where == "store:end_run":
@@ -217,7 +234,14 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
     else:
         pytest.fail("the run never got past the injected full disk")
     kinds = collections.Counter(fired)
-    assert {"store:begin_run", "store:add_manifest", "store:put_results", "line:out.jsonl", "fsync:out.jsonl", "store:end_run"} <= set(kinds)
+    assert {
+        "store:begin_run",
+        "store:add_manifest",
+        "store:put_results",
+        "line:out.jsonl",
+        "fsync:out.jsonl",
+        "store:end_run",
+    } <= set(kinds)
     assert kinds["store:put_results"] == 1 and kinds["line:out.jsonl"] == len(rows)
 
 
@@ -264,7 +288,10 @@ def test_real_sqlite_full_mid_run(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(Store, "add_manifest", then_fill_the_disk)
     result = invoke(cli_args(inp, out, tiny_model, "-q"))
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {store}: no space left on device (database or disk is full); {DISK_FULL_HINT}\n"
+    assert (
+        result.stderr
+        == f"Error: {store}: No space left on device (database or disk is full); {DISK_FULL_HINT}\n"
+    )
     assert out.read_bytes() == previous
     assert 40 < committed(store) < 200  # it failed mid-generation, after some batches
     monkeypatch.setattr(Store, "add_manifest", add_manifest)
@@ -287,7 +314,9 @@ def manifest_keys(store: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("change", ["params", "template", "model"])
-def test_changed_settings_regenerate_and_status_says_so(tmp_path, tiny_model, short_context_model, change):
+def test_changed_settings_regenerate_and_status_says_so(
+    tmp_path, tiny_model, short_context_model, change
+):
     n = 40
     if change == "template":
         rows = [{"text": f"{i} green apples " * (1 + i % 3)} for i in range(n)]
@@ -305,7 +334,18 @@ def test_changed_settings_regenerate_and_status_says_so(tmp_path, tiny_model, sh
         diff = "max_tokens 6 -> 4"
 
     def args(inp: Path, out: Path, settings: list[str]) -> list[str]:
-        return ["process", str(inp), "-o", str(out), "-m", tiny_model, "--batch-size", "4", "-q", *settings]
+        return [
+            "process",
+            str(inp),
+            "-o",
+            str(out),
+            "-m",
+            tiny_model,
+            "--batch-size",
+            "4",
+            "-q",
+            *settings,
+        ]
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -321,8 +361,14 @@ def test_changed_settings_regenerate_and_status_says_so(tmp_path, tiny_model, sh
     run_killed(args(inp, out, new), "before_commit:3")  # two batches of the new settings done
     lines = status_lines(out)
     assert lines[1] == f"rows: {n} total, 8 done, 0 failed, {n - 8} pending"
-    assert re.fullmatch(r"last run: #2 did not finish \(killed or crashed; run the same command again to resume\), started .*, pid \d+", lines[3])
-    assert lines[-2] == f"results: 8 for these rows and settings, {n} from other settings or rows (not used; --fresh drops them)"
+    assert re.fullmatch(
+        r"last run: #2 did not finish \(killed or crashed; run the same command again to resume\), started .*, pid \d+",
+        lines[3],
+    )
+    assert (
+        lines[-2]
+        == f"results: 8 for these rows and settings, {n} from other settings or rows (not used; --fresh drops them)"
+    )
     assert lines[-1] == f"settings changed since run #1: {diff}"
     status = json.loads(CliRunner().invoke(cli, ["status", str(out), "--json"]).stdout)
     assert status["results"] == {"current": 8, "other": n}
@@ -335,7 +381,10 @@ def test_changed_settings_regenerate_and_status_says_so(tmp_path, tiny_model, sh
     assert manifest_keys(store).isdisjoint(old_keys)
     assert committed(store) == 2 * n
     lines = status_lines(out)
-    assert lines[-1] == f"results: {n} for these rows and settings, {n} from other settings or rows (not used; --fresh drops them)"
+    assert (
+        lines[-1]
+        == f"results: {n} for these rows and settings, {n} from other settings or rows (not used; --fresh drops them)"
+    )
     assert re.fullmatch(r"last run: #3 completed, started .*, pid \d+", lines[3])
 
 
@@ -352,7 +401,9 @@ def finished(tmp_path, tiny_model):
     return args, out, Path(f"{out}.mlxbatch.sqlite"), out.read_bytes()
 
 
-def assert_damage_reported(args: list[str], out: Path, store: Path, reference: bytes, why: str, at_open: bool = True) -> None:
+def assert_damage_reported(
+    args: list[str], out: Path, store: Path, reference: bytes, why: str, at_open: bool = True
+) -> None:
     """process, status and export each fail with the same clean line; --fresh recovers.
 
     `at_open`: the damage is found when the store opens (SQLite's integrity check), so --fresh

@@ -101,7 +101,9 @@ rowish = st.dictionaries(
 )
 # Rows that are nearly right (good parameters, at most one hostile value), so that many files
 # pass and what passes gets checked.
-number = st.integers(-(2**64), 2**64) | st.floats() | st.sampled_from([math.nan, math.inf, -math.inf])
+number = (
+    st.integers(-(2**64), 2**64) | st.floats() | st.sampled_from([math.nan, math.inf, -math.inf])
+)
 good_params = st.fixed_dictionaries(
     {},
     optional={
@@ -118,7 +120,9 @@ hostile = st.tuples(
     st.sampled_from([math.nan, math.inf, -math.inf]) | number | json_text,
 )
 chat = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": json_text}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant"]), "content": json_text}
+    ),
     min_size=1,
     max_size=2,
 )
@@ -126,7 +130,9 @@ chat = st.lists(
 
 @st.composite
 def valid_ish(draw) -> dict:
-    row = draw(st.fixed_dictionaries({"prompt": json_text}) | st.fixed_dictionaries({"messages": chat}))
+    row = draw(
+        st.fixed_dictionaries({"prompt": json_text}) | st.fixed_dictionaries({"messages": chat})
+    )
     row.update(draw(good_params))
     if draw(st.booleans()):
         key, value = draw(hostile)

@@ -1,7 +1,7 @@
 """Generation on a Ray cluster: same output as a local run, exactly once, workers may die.
 
-The cluster tests start a local Ray (`ray.init(num_cpus=2)`) on this machine with the tiny
-model, and are skipped when Ray (`pip install 'mlxbatch[ray]'`) is not installed. The chunking,
+The cluster tests start a local Ray (`ray.init(num_cpus=2)`, with two `mlx` units) on this
+machine with the tiny model, and are skipped when Ray (`pip install 'mlxbatch[ray]'`) is not installed. The chunking,
 retry and option tests need no Ray.
 """
 
@@ -139,6 +139,33 @@ class _Identity:
     identity = "x"
 
 
+class FakeRay:
+    def __init__(self, resources: dict, alive_nodes: int):
+        self.resources, self.alive_nodes = resources, alive_nodes
+
+    def cluster_resources(self) -> dict:
+        return self.resources
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True}] * self.alive_nodes + [{"Alive": False}]
+
+
+@pytest.mark.parametrize(
+    "resources, nodes, requested, count, needs",
+    [
+        ({"CPU": 32.0, "mlx": 3.0}, 3, None, 3, {"resources": {"mlx": 1}}),
+        ({"CPU": 64.0, "GPU": 8.0}, 1, None, 8, {"num_gpus": 1}),
+        ({"CPU": 16.0}, 4, None, 4, {"num_cpus": 1}),
+        ({"CPU": 16.0}, 4, 6, 6, {"num_cpus": 1}),
+        ({"CPU": 16.0, "GPU": 2.0}, 1, 1, 1, {"num_gpus": 1}),
+    ],
+)
+def test_one_worker_per_mlx_unit_else_gpu_else_machine(resources, nodes, requested, count, needs):
+    got, options = ray_executor._worker_plan(FakeRay(resources, nodes), requested)
+    assert got == count
+    assert options == {**needs, "scheduling_strategy": "SPREAD"}
+
+
 # -- a local Ray cluster ---------------------------------------------------------------------
 
 
@@ -146,7 +173,15 @@ class _Identity:
 def ray_cluster():
     ray = pytest.importorskip("ray")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.WARNING)
+    # A cluster of its own ("local"), even where `ray start` runs one on this machine.
+    # Two "mlx" units, as two Macs started with --resources='{"mlx": 1}' would give.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        resources={"mlx": 2},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     for s, handler in handlers.items():  # ray.init takes SIGTERM over
         signal.signal(s, handler)
     yield ray
@@ -187,7 +222,7 @@ def reference(tmp_path_factory, tiny_model) -> bytes:
 
 
 def test_ray_run_gives_the_local_output(tmp_path, tiny_model, reference, ray_cluster):
-    summary, out = run(tmp_path, tiny_model, "out", ray="auto", ray_workers=2)
+    summary, out = run(tmp_path, tiny_model, "out", ray="auto")  # one worker per mlx unit
     assert out.read_bytes() == reference
     assert (summary.ok, summary.failed, summary.cached) == (len(ROWS), 0, 0)
     assert committed(out) == len(ROWS)

@@ -103,4 +103,4 @@ def check_output_path(path: str) -> None:
 
 def iter_requests(spec: JobSpec, kind: str) -> Iterator[Request]:
     """The validated requests, streamed again (check_inputs has already passed)."""
-    return validate_rows(read_rows(spec.input), _validation_context(spec, kind))
+    return validate_rows(read_rows(spec.input), _validation_context(spec, kind), checked=True)

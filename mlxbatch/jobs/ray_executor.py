@@ -308,7 +308,7 @@ class RayPool:
             for ref in done:
                 if ref in pending:
                     self._collect(ref, pending, queue, commit)
-                else:
+                elif any(s.ready == ref for s in self._slots):
                     self._started(ref)
             if pending or any(s.started for s in self._slots):
                 waiting_since = time.monotonic()
@@ -335,7 +335,12 @@ class RayPool:
         try:
             info = self._ray.get(ready)
         except self._ray.exceptions.RayError as e:
-            raise RayExecutorError(f"a Ray worker could not load the model: {_reason(e)}") from None
+            if "creation task" in str(e):  # its __init__ raised: the model did not load
+                raise RayExecutorError(
+                    f"a Ray worker could not load the model: {_reason(e)}"
+                ) from None
+            self._replace(slot, _reason(e))  # killed while loading: like any other death
+            return
         if info["identity"] != self._identity:
             raise RayExecutorError(
                 f"the Ray worker on {info['host']} loaded {self.spec.model} as a different model "
@@ -378,9 +383,6 @@ class RayPool:
             if result.key in wanted and result.key not in got:
                 got[result.key] = result
         commit(list(got.values()))
-        if not getattr(self, "_dup", False):
-            self._dup = True
-            queue.append(chunk)
         missing = [t for t in chunk.tasks if t.key not in got]
         if missing and not stopping:  # a worker told to stop by someone else
             queue.appendleft(Chunk(self._new_chunk_id(), missing))
@@ -401,12 +403,8 @@ class RayPool:
         for ref in slot.in_flight:
             lost.append((False, pending.pop(ref)[1]))
         slot.in_flight = []
-        if slot in self._slots:
-            self._slots.remove(slot)
-            self.stats.workers_lost += 1
-            with contextlib.suppress(Exception):  # already gone
-                self._ray.kill(slot.actor)
         if stopping:
+            self._replace(slot, reason, relaunch=False)
             return
         log.warning(
             "Ray worker %s (pid %s on %s) died: %s; reissuing %d chunk(s) of %d rows",
@@ -423,6 +421,18 @@ class RayPool:
             else:
                 queue.append(lost_chunk)
         self.stats.chunks_reissued += len(lost)
+        self._replace(slot, reason)
+
+    def _replace(self, slot: _Slot, reason: str, relaunch: bool = True) -> None:
+        """Drop a dead worker; start a fresh one in its place while the budget lasts."""
+        if slot not in self._slots:
+            return
+        self._slots.remove(slot)
+        self.stats.workers_lost += 1
+        with contextlib.suppress(Exception):  # already gone
+            self._ray.kill(slot.actor)
+        if not relaunch:
+            return
         if self._replacements_left <= 0:
             raise RayExecutorError(
                 f"Ray workers died {self.stats.workers_lost} times (last: {reason}); finished "

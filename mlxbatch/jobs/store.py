@@ -174,9 +174,16 @@ class Store:
                     raise StoreDamaged(self._damaged(f"integrity check: {found[0]}{more}"))
                 if create:
                     self.db.executescript(SCHEMA)
+                    self._migrate()
         except StoreError:
             self.db.close()
             raise
+
+    def _migrate(self) -> None:
+        # Stores written before results carried `extra` (parsed JSON, choice probabilities).
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+        if "extra" not in columns:
+            self.db.execute("ALTER TABLE results ADD COLUMN extra TEXT")
 
     def _damaged(self, why: object) -> str:
         return (
@@ -189,7 +196,7 @@ class Store:
         name = getattr(e, "sqlite_errorname", None) or ""
         text = str(e)
         if name == "SQLITE_FULL" or "database or disk is full" in text:
-            return StoreError(f"{self.path}: no space left on device ({e}); {DISK_FULL_HINT}")
+            return StoreError(f"{self.path}: No space left on device ({e}); {DISK_FULL_HINT}")
         if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(
             m in text for m in DAMAGE_MESSAGES
         ):

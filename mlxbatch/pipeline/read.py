@@ -145,7 +145,7 @@ def _read_parquet(path: str) -> Iterator[SourceRow]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
-        yield SourceRow(1, error=f"not a readable Parquet file: {e}")
+        yield SourceRow(1, error=_parquet_error(e))
         return
     number = 0
     try:
@@ -154,7 +154,11 @@ def _read_parquet(path: str) -> Iterator[SourceRow]:
                 number += 1
                 yield SourceRow(number, data=row)
     except Exception as e:  # a damaged page or column chunk, found while reading it
-        yield SourceRow(number + 1, error=f"not a readable Parquet file: {e}")
+        yield SourceRow(number + 1, error=_parquet_error(e))
+
+
+def _parquet_error(e: Exception) -> str:
+    return "not a readable Parquet file: " + " ".join(str(e).split())  # pyarrow's are multi-line
 
 
 def parquet_columns(path: str) -> dict[str, str]:
@@ -164,7 +168,7 @@ def parquet_columns(path: str) -> dict[str, str]:
     try:
         schema = pq.read_schema(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise InputProblems([Problem(path, 1, f"not a readable Parquet file: {e}")]) from None
+        raise InputProblems([Problem(path, 1, _parquet_error(e))]) from None
     return {f.name: str(f.type) for f in schema}
 
 

@@ -21,6 +21,7 @@ from mlxbatch.records import (
     PROMPT,
     TEMPLATE,
     GenParams,
+    InputProblems,
     Problem,
     Request,
     SourceRow,
@@ -106,8 +107,17 @@ def _validators(user_schema: dict | None) -> _Validators:
     return _Validators(by_kind, user)
 
 
-def validate_rows(rows: Iterable[SourceRow], ctx: ValidationContext) -> Iterator[Request]:
-    """Yield a Request for every good row; report every problem into `ctx`."""
+def validate_rows(
+    rows: Iterable[SourceRow], ctx: ValidationContext, *, checked: bool = False
+) -> Iterator[Request]:
+    """Yield a Request for every good row; report every problem into `ctx`.
+
+    `checked=True` is for a second pass over a file that has already passed: rows are turned
+    into Requests without checking them again (a row that no longer fits raises InputProblems).
+    """
+    if checked:
+        yield from _requests_of_checked(rows, ctx)
+        return
     validators = _validators(ctx.user_schema)
     seen_ids: dict[str, int] = {}
     for row in rows:
@@ -125,6 +135,19 @@ def validate_rows(rows: Iterable[SourceRow], ctx: ValidationContext) -> Iterator
             )
             continue
         yield request
+
+
+def _requests_of_checked(rows: Iterable[SourceRow], ctx: ValidationContext) -> Iterator[Request]:
+    for row in rows:
+        data = row.data
+        try:
+            kind = ctx.kind
+            if kind == PROMPT and "messages" in data:
+                kind = MESSAGES
+            yield _to_request(kind, data, row.line, ctx)
+        except (KeyError, TypeError, AttributeError):
+            changed = Problem(ctx.file, row.line, "the input changed during the run; run again")
+            raise InputProblems([changed]) from None
 
 
 def _id_source(ctx: ValidationContext) -> str:
@@ -281,7 +304,14 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+_ALL_PARAM_FIELDS = frozenset(
+    (*PARAM_FIELDS, *CONSTRAINT_FIELDS, "max_completion_tokens", "logit_bias")
+)
+
+
 def _params(source: dict, defaults: GenParams, ctx: ValidationContext) -> GenParams:
+    if _ALL_PARAM_FIELDS.isdisjoint(source):
+        return defaults  # most rows: nothing to override, no copy
     values: dict[str, Any] = {k: source[k] for k in PARAM_FIELDS if k in source}
     if ctx.read_constraint is not None and any(k in source for k in CONSTRAINT_FIELDS):
         values["constraint"] = ctx.read_constraint(source)
