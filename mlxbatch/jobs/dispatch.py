@@ -47,6 +47,7 @@ def generate_window(
         kv_bytes_per_token=engine.kv_bytes_per_token,
         memory_budget=engine.memory_budget(),
         cap=spec.batch_size,
+        prefill_tokens=engine.prefill_tokens_per_step,
     )
     on_batch_size(sizes.completion)
     by_key = {t.key: t for t in rest}

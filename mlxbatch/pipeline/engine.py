@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,14 @@ class Engine:
     def context_length(self) -> int | None:
         value = self.config.get("max_position_embeddings")
         return int(value) if value else None
+
+    @property
+    def prefill_tokens_per_step(self) -> int:
+        """Prompt tokens to prefill together. On CPU batching prompts only adds padding and
+        attention memory (measured slower than one at a time), so prefill one row at a time."""
+        import mlx.core as mx
+
+        return 1 if mx.default_device() == mx.cpu else 8192
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -288,37 +297,49 @@ class _BatchRun:
             completion_batch_size=completion,
             prefill_batch_size=prefill,
         )
-        tasks = [t for g in groups for t in g.tasks]
-        caches = []
-        for g in groups:
-            cache = engine.prefill_prefix(g.prefix) if g.prefix else None
-            caches += [cache] * len(g.tasks)
-        uids = self.gen.insert(
-            [t.prompt_ids[len(g.prefix) :] for g in groups for t in g.tasks],
-            max_tokens=[t.params.max_tokens for t in tasks],
-            caches=caches,
-            samplers=[_sampler(t) for t in tasks],
-            logits_processors=[_processors(t, masks) for t in tasks],
-        )
-        self.tasks = dict(zip(uids, tasks, strict=False))
-        self.tokens: dict[int, list[int]] = {u: [] for u in uids}
-        self.logprobs: dict[int, list[dict]] = {
-            u: [] for u, t in self.tasks.items() if t.params.logprobs
-        }
-        self.stops = {
-            u: _StopWatch(t.params.stop, engine.tokenizer)
-            for u, t in self.tasks.items()
-            if t.params.stop
-        }
+        self.masks = masks
+        self.queue = deque(groups)
+        # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
+        # handful of prefix caches are alive at once.
+        self.ahead = 2 * completion
+        self.tasks: dict[int, Task] = {}
+        self.tokens: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list[dict]] = {}
+        self.stops: dict[int, _StopWatch] = {}
+        self._feed()
+
+    def _feed(self) -> None:
+        """Insert whole groups while few rows wait; a group's prefix is prefilled only now."""
+        while self.queue and len(self.tasks) < self.ahead:
+            group = self.queue.popleft()
+            cache = self.engine.prefill_prefix(group.prefix) if group.prefix else None
+            uids = self.gen.insert(
+                [t.prompt_ids[len(group.prefix) :] for t in group.tasks],
+                max_tokens=[t.params.max_tokens for t in group.tasks],
+                caches=[cache] * len(group.tasks),
+                samplers=[_sampler(t) for t in group.tasks],
+                logits_processors=[_processors(t, self.masks) for t in group.tasks],
+            )
+            for uid, task in zip(uids, group.tasks, strict=True):
+                self.tasks[uid] = task
+                self.tokens[uid] = []
+                if task.params.logprobs:
+                    self.logprobs[uid] = []
+                if task.params.stop:
+                    self.stops[uid] = _StopWatch(task.params.stop, self.engine.tokenizer)
 
     def drive(self, should_stop: Callable[[], bool]) -> bool:
-        while self.tasks:
+        while self.tasks or self.queue:
             if should_stop():
                 return False
+            self._feed()
             active = len(self.gen._generation_batch) if self.limit is not None else 0
             if self.limit is not None and active > self.limit:
                 raise RuntimeError(f"[malloc] injected out of memory with {active} rows")
-            for r in self.gen.next_generated():
+            responses = self.gen.next_generated()
+            if not responses and not self.queue:
+                raise RuntimeError(f"generation stalled with {len(self.tasks)} rows unfinished")
+            for r in responses:
                 if r.finish_reason != "stop" and r.uid in self.logprobs:
                     self.logprobs[r.uid].append(self._token_logprobs(r.uid, r.token, r.logprobs))
                 self._advance(r.uid, r.token, r.finish_reason)

@@ -51,7 +51,12 @@ def context_error(task: Task, context_length: int | None) -> tuple[str, str] | N
 
 
 def choose_batch_sizes(
-    tasks: list[Task], *, kv_bytes_per_token: int, memory_budget: int, cap: int | None = None
+    tasks: list[Task],
+    *,
+    kv_bytes_per_token: int,
+    memory_budget: int,
+    cap: int | None = None,
+    prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
 ) -> BatchSizes:
     """Largest batches whose KV caches fit `memory_budget`, capped by `cap` when given."""
     if not tasks:
@@ -62,7 +67,7 @@ def choose_batch_sizes(
     if cap is not None:
         completion = min(completion, cap)
     mean_prompt = sum(len(t.prompt_ids) for t in tasks) / len(tasks)
-    prefill = max(1, min(completion, int(PREFILL_TOKENS_PER_STEP // max(1.0, mean_prompt))))
+    prefill = max(1, min(completion, int(prefill_tokens // max(1.0, mean_prompt))))
     return BatchSizes(completion=completion, prefill=prefill)
 
 
