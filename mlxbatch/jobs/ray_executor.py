@@ -243,7 +243,9 @@ class RayPool:
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise RayExecutorError(
-                f"could not start or reach Ray at {self.address!r}: {e}"
+                f"could not start or reach Ray at {self.address!r}: {e} (is the cluster up? "
+                "`ray status` says; with token authentication, set RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN to the head's `ray get-auth-token`)"
             ) from None
         finally:
             if main:
