@@ -218,10 +218,7 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
             )
         else:
             assert result.stderr == f"Error: {out}: No space left on device; {DISK_FULL_HINT}\n"
-        if where == "store:end_run":
-            assert out.read_bytes() == reference  # the output was already complete
-        else:
-            assert out.read_bytes() == previous  # untouched
+        assert out.read_bytes() == previous  # untouched, also when recording the run fails
         assert litter(work) == []
         assert not Path(f"{out}.errors.jsonl").exists()
         FAULTS.reset()
@@ -252,8 +249,9 @@ def test_disk_full_writing_parquet_keeps_the_old_file(tmp_path, tiny_model):
     assert invoke(args).exit_code == 0
     previous = out.read_bytes()
     write_jsonl(inp, ROWS[:9])
-    store_writes = 5  # begin_run, clear_manifest, add_manifest, put_results (4 new rows), end_run
-    result = invoke(args, env={"MLXBATCH_FAULT": f"enospc:{store_writes}"})
+    # begin_run, clear_manifest, add_manifest, put_results (4 new rows), end_run: then Parquet.
+    first_parquet_write = 6
+    result = invoke(args, env={"MLXBATCH_FAULT": f"enospc:{first_parquet_write}"})
     assert result.exit_code == 1
     assert result.stderr == f"Error: {out}: No space left on device; {DISK_FULL_HINT}\n"
     assert out.read_bytes() == previous

@@ -8,6 +8,7 @@ SIGINT/SIGTERM stop generation at the next step; finished work is committed and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -217,18 +218,26 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             committer.flush()
             if stopping:
                 break
+        if stopping:
+            summary.status, summary.signal = "interrupted", stopping[0]
+        summary.wall = time.perf_counter() - started
+        summary.peak_memory = max(engine.stats.peak_memory, _peak_rss())
+        # The run is recorded before the output is published: a full disk here leaves the
+        # previous output untouched.
+        store.end_run(run_id, summary.status, _stats(summary))
+        export_outputs(store, spec, check.kind)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.end_run(run_id, "failed", _stats(summary))
+        raise
     finally:
         if pool is not None:
             pool.close()
         progress.close()
+        # Handlers stay ours until the final export is done, so a signal there is still a
+        # clean stop.
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stopping:
-        summary.status, summary.signal = "interrupted", stopping[0]
-    export_outputs(store, spec, check.kind)
-    summary.wall = time.perf_counter() - started
-    summary.peak_memory = max(engine.stats.peak_memory, _peak_rss())
-    store.end_run(run_id, summary.status, _stats(summary))
     return summary
 
 

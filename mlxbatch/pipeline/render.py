@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlxbatch.records import TEMPLATE, GenParams, Request, Task
@@ -25,9 +26,29 @@ class TemplateError(ValueError):
     """A row template that does not compile or does not render."""
 
 
+MAX_REPEAT = 100_000  # longest string or list a template may build with `*`
+MAX_EXPONENT = 64
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus limits on `*` and `**` so a template cannot exhaust memory."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                if sized and len(seq) * count > MAX_REPEAT:
+                    raise SecurityError(f"result longer than {MAX_REPEAT}")
+        return super().call_binop(context, operator, left, right)
+
+
 @cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(
+    return _BoundedSandbox(
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
     )
 
@@ -63,7 +84,7 @@ def render_text(source: str, fields: dict[str, Any]) -> str:
         raise TemplateError(f"template error: {e.message}") from None
     except jinja2.TemplateError as e:
         raise TemplateError(f"template error: {e}") from None
-    except (TypeError, ValueError, ArithmeticError) as e:
+    except (TypeError, ValueError, ArithmeticError, MemoryError) as e:
         raise TemplateError(f"template error: {e}") from None
 
 
