@@ -42,18 +42,20 @@ def generate_window(
     rest = [t for t in todo if _constraint_type(t) != "choices"]
     if not rest or should_stop():
         return
+    groups = grouped(rest)
     sizes = plan.choose_batch_sizes(
         rest,
         kv_bytes_per_token=engine.kv_bytes_per_token,
         memory_budget=engine.memory_budget(),
         cap=spec.batch_size,
         prefill_tokens=engine.prefill_tokens_per_step,
+        prefilled=[len(t.prompt_ids) - len(g.prefix) for g in groups for t in g.tasks],
     )
     on_batch_size(sizes.completion)
     by_key = {t.key: t for t in rest}
     constrained = any(t.params.constraint for t in rest)
     engine.generate(
-        grouped(rest),
+        groups,
         completion_batch_size=sizes.completion,
         prefill_batch_size=sizes.prefill,
         on_result=lambda r: on_result(_parsed(by_key[r.key], r)),

@@ -57,8 +57,13 @@ def choose_batch_sizes(
     memory_budget: int,
     cap: int | None = None,
     prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
+    prefilled: list[int] | None = None,
 ) -> BatchSizes:
-    """Largest batches whose KV caches fit `memory_budget`, capped by `cap` when given."""
+    """Largest batches whose KV caches fit `memory_budget`, capped by `cap` when given.
+
+    Prefill batches hold about `prefill_tokens` tokens of what is actually prefilled per row
+    (`prefilled`: prompt tokens after a shared prefix; by default the whole prompt).
+    """
     if not tasks:
         return BatchSizes(1, 1)
     mean_tokens = sum(len(t.prompt_ids) + t.params.max_tokens for t in tasks) / len(tasks)
@@ -66,8 +71,9 @@ def choose_batch_sizes(
     completion = max(1, min(MAX_COMPLETION_BATCH, memory_budget // per_row))
     if cap is not None:
         completion = min(completion, cap)
-    mean_prompt = sum(len(t.prompt_ids) for t in tasks) / len(tasks)
-    prefill = max(1, min(completion, int(prefill_tokens // max(1.0, mean_prompt))))
+    lengths = prefilled if prefilled is not None else [len(t.prompt_ids) for t in tasks]
+    mean_prefill = sum(lengths) / max(1, len(lengths))
+    prefill = max(1, min(completion, int(prefill_tokens // max(1.0, mean_prefill))))
     return BatchSizes(completion=completion, prefill=prefill)
 
 
