@@ -206,6 +206,11 @@ def _generation_options(f: Callable) -> Callable:
             help="Most rows decoded together  [default: chosen from memory]",
         ),
         click.option(
+            "--prefill-batch-size",
+            type=click.IntRange(min=1),
+            help="Most prompts prefilled together  [default: chosen from prompt lengths]",
+        ),
+        click.option(
             "--prefix-cache/--no-prefix-cache",
             default=True,
             show_default=True,

@@ -172,11 +172,14 @@ def test_one_worker_per_mlx_unit_else_gpu_else_machine(resources, nodes, request
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reports sent anywhere
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # A cluster of its own ("local"), even where `ray start` runs one on this machine.
     # Two "mlx" units, as two Macs started with --resources='{"mlx": 1}' would give.
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",  # loopback only: nothing leaves this machine
+        include_dashboard=False,
         num_cpus=2,
         resources={"mlx": 2},
         log_to_driver=False,
@@ -221,20 +224,21 @@ def reference(tmp_path_factory, tiny_model) -> bytes:
     return out.read_bytes()
 
 
-def test_ray_run_gives_the_local_output(tmp_path, tiny_model, reference, ray_cluster):
+def test_ray_run_gives_the_local_output(ray_cluster, tmp_path, tiny_model, reference, monkeypatch):
     summary, out = run(tmp_path, tiny_model, "out", ray="auto")  # one worker per mlx unit
     assert out.read_bytes() == reference
     assert (summary.ok, summary.failed, summary.cached) == (len(ROWS), 0, 0)
     assert committed(out) == len(ROWS)
-    # The workers are gone after the run; a finished job does not start any.
-    assert worker_pids(ray_cluster) == {}
+    assert worker_pids(ray_cluster) == {}  # the workers end with the run
+    # A finished job has nothing to generate: it does not even start the workers.
+    monkeypatch.setattr(RayPool, "_start", lambda *a: pytest.fail("Ray workers started"))
     again, _ = run(tmp_path, tiny_model, "out", ray="auto", ray_workers=2)
     assert (again.ok, again.cached) == (0, len(ROWS))
     assert out.read_bytes() == reference
 
 
 def test_killed_worker_loses_only_its_chunk(
-    tmp_path, tiny_model, reference, ray_cluster, monkeypatch, caplog
+    ray_cluster, tmp_path, tiny_model, reference, monkeypatch, caplog
 ):
     killed: list[int] = []
     put_results = Store.put_results
@@ -259,7 +263,7 @@ def test_killed_worker_loses_only_its_chunk(
 
 
 def test_interrupted_ray_run_commits_what_returned_and_resumes(
-    tmp_path, tiny_model, reference, ray_cluster, monkeypatch
+    ray_cluster, tmp_path, tiny_model, reference, monkeypatch
 ):
     put_results = Store.put_results
     signalled: list[bool] = []
@@ -285,7 +289,7 @@ def test_interrupted_ray_run_commits_what_returned_and_resumes(
     assert out.read_bytes() == reference
 
 
-def test_cli_attaches_to_a_running_cluster(tmp_path, tiny_model, reference, ray_cluster):
+def test_cli_attaches_to_a_running_cluster(ray_cluster, tmp_path, tiny_model, reference):
     inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     address = ray_cluster.get_runtime_context().gcs_address

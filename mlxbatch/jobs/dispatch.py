@@ -51,6 +51,8 @@ def generate_window(
         prefill_tokens=engine.prefill_tokens_per_step,
         prefilled=[len(t.prompt_ids) - len(g.prefix) for g in groups for t in g.tasks],
     )
+    if spec.prefill_batch_size:
+        sizes = plan.BatchSizes(sizes.completion, min(spec.prefill_batch_size, sizes.completion))
     on_batch_size(sizes.completion)
     by_key = {t.key: t for t in rest}
     constrained = any(t.params.constraint for t in rest)

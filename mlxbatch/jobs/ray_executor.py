@@ -236,9 +236,11 @@ class RayPool:
         main = threading.current_thread() is threading.main_thread()
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            local = {"_node_ip_address": "127.0.0.1"} if self.address == "auto" else {}
             ray.init(
                 address=None if self.address == "auto" else self.address,
-                logging_level=logging.WARNING,
+                **local,
+                logging_level=logging.ERROR if self.spec.quiet else logging.WARNING,
                 log_to_driver=False,
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -298,7 +300,9 @@ class RayPool:
         chunks = split_chunks(todo, len(self._slots), self._next_chunk)
         self._next_chunk += len(chunks)
         self.stats.chunks += len(chunks)
-        queue = deque(reversed(chunks))  # longest prompts first: the window's end stays short
+        # Chunks go out from the right: longest prompts first, so the window's end is short;
+        # a reissued chunk is appended on the right, to go out next.
+        queue = deque(chunks)
         pending: dict[Any, tuple[_Slot, Chunk]] = {}
         waiting_since = time.monotonic()
         while (queue or pending) and not should_stop():
@@ -364,18 +368,28 @@ class RayPool:
     ) -> None:
         ray = self._ray
         slot, chunk = pending.pop(ref)
-        running = bool(slot.in_flight) and slot.in_flight[0] == ref
-        if ref in slot.in_flight:
-            slot.in_flight.remove(ref)
         try:
             results = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self._lost(slot, chunk, running, pending, queue, commit, _reason(e), stopping)
+            self._lost(slot, ref, chunk, pending, queue, commit, _reason(e), stopping)
             return
         except ray.exceptions.RayError as e:  # generate raised; the worker lives on
+            slot.in_flight.remove(ref)
             log.warning("a chunk of %d rows failed on %s: %s", len(chunk.tasks), slot.name, e)
             self._retry(chunk, _reason(e), queue, commit)
             return
+        slot.in_flight.remove(ref)
+        self._commit_chunk(chunk, results, queue, commit, stopping)
+
+    def _commit_chunk(
+        self,
+        chunk: Chunk,
+        results: list[Result],
+        queue: deque[Chunk],
+        commit: Callable[[list[Result]], None],
+        stopping: bool,
+    ) -> None:
+        """Commit a returned chunk once, and only the rows it was sent with."""
         if chunk.id in self._committed:  # never twice, whatever Ray does
             return
         self._committed.add(chunk.id)
@@ -392,18 +406,30 @@ class RayPool:
     def _lost(
         self,
         slot: _Slot,
+        ref: Any,
         chunk: Chunk,
-        running: bool,
         pending: dict[Any, tuple[_Slot, Chunk]],
         queue: deque[Chunk],
         commit: Callable[[list[Result]], None],
         reason: str,
         stopping: bool,
     ) -> None:
-        """A worker died: reissue its chunks (the running one counts a failure), replace it."""
-        lost = [(running, chunk)]
-        for ref in slot.in_flight:
-            lost.append((False, pending.pop(ref)[1]))
+        """A worker died: commit what it had finished, reissue the rest, replace it.
+
+        Its chunks ran in submission order: the first unfinished one was running when it died
+        and counts a failure against its rows; the ones queued behind it go out as they are.
+        """
+        ray = self._ray
+        lost: list[Chunk] = []
+        for r in slot.in_flight if ref in slot.in_flight else [ref, *slot.in_flight]:
+            c = chunk if r == ref else pending.pop(r)[1]
+            if r != ref and ray.wait([r], timeout=0)[0]:
+                try:  # finished before the worker died: its results are safe with the driver
+                    self._commit_chunk(c, ray.get(r), queue, commit, stopping)
+                    continue
+                except ray.exceptions.RayError:
+                    pass
+            lost.append(c)
         slot.in_flight = []
         if stopping:
             self._replace(slot, reason, relaunch=False)
@@ -415,10 +441,10 @@ class RayPool:
             slot.info.get("host"),
             reason,
             len(lost),
-            sum(len(c.tasks) for _, c in lost),
+            sum(len(c.tasks) for c in lost),
         )
-        for was_running, lost_chunk in lost:
-            if was_running:
+        for n, lost_chunk in enumerate(reversed(lost)):  # the running one goes out first
+            if n == len(lost) - 1:
                 self._retry(lost_chunk, reason, queue, commit)
             else:
                 queue.append(lost_chunk)

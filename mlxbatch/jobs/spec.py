@@ -51,6 +51,7 @@ class JobSpec:
     choices: list[str] | None = None
     regex: str | None = None
     batch_size: int | None = None
+    prefill_batch_size: int | None = None
     prefix_cache: bool = True
     window: int = 10_000
     checkpoint_every: float = 300.0
