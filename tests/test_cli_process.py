@@ -466,3 +466,32 @@ def test_prefix_cache_gives_identical_greedy_output(tmp_path, tiny_model):
         outs[flag] = read_jsonl(o)
     assert outs["--prefix-cache"] == outs["--no-prefix-cache"]
     assert len({r["output"] for r in outs["--prefix-cache"]}) > 1
+
+
+def test_mixed_greedy_and_sampled_rows_do_not_depend_on_batch(tmp_path, tiny_model):
+    rows = [
+        {**r, "temperature": [0.0, 0.9, 1.3][i % 3], "top_p": [1.0, 0.8][i % 2]}
+        for i, r in enumerate(prompts(9))
+    ]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    outs = []
+    for size in ("1", "3", "16"):
+        o = tmp_path / f"o{size}.jsonl"
+        assert (
+            process(
+                str(f),
+                "-m",
+                tiny_model,
+                "--max-tokens",
+                "10",
+                "-n",
+                "2",
+                "--batch-size",
+                size,
+                "-o",
+                str(o),
+            ).exit_code
+            == 0
+        )
+        outs.append(o.read_bytes())
+    assert outs[0] == outs[1] == outs[2]

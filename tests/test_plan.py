@@ -37,7 +37,7 @@ def test_batch_sizes_follow_the_memory_budget():
     tasks = [task(i, [1] * 100, max_tokens=100) for i in range(10)]
     sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=2_000_000)
     assert sizes.completion == 10  # 2 MB / (200 tokens * 1 kB)
-    assert choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9).completion == 256
+    assert choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9).completion == 512
     assert (
         choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9, cap=4).completion
         == 4

@@ -106,7 +106,12 @@ class Engine:
         slower than one at a time, while short suffixes after a shared prefix gain from it."""
         import mlx.core as mx
 
-        return 512 if mx.default_device() == mx.cpu else 8192
+        if mx.default_device() == mx.cpu:
+            return 512
+        # On GPU, 32k tokens a step was best on an H100 (prefill 64 x ~600 tokens); activations
+        # take roughly 64 bytes per hidden unit per token, so a small memory budget lowers it.
+        per_token = 64 * int(self.config.get("hidden_size", 4096))
+        return max(2048, min(32768, self.memory_budget() // per_token))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -298,6 +303,7 @@ class _BatchRun:
             prefill_batch_size=prefill,
         )
         self.masks = masks
+        self.sampler = _SeededSampler()
         self.queue = deque(groups)
         # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
         # handful of prefix caches are alive at once.
@@ -317,8 +323,8 @@ class _BatchRun:
                 [t.prompt_ids[len(group.prefix) :] for t in group.tasks],
                 max_tokens=[t.params.max_tokens for t in group.tasks],
                 caches=[cache] * len(group.tasks),
-                samplers=[_sampler(t) for t in group.tasks],
-                logits_processors=[_processors(t, self.masks) for t in group.tasks],
+                samplers=[self.sampler if t.params.temperature > 0 else None for t in group.tasks],
+                logits_processors=[_processors(t, self.masks, self.sampler) for t in group.tasks],
             )
             for uid, task in zip(uids, group.tasks, strict=True):
                 self.tasks[uid] = task
@@ -423,35 +429,79 @@ class _StopWatch:
         return text[: min(found)] if found else None
 
 
-def _sampler(task: Task) -> Callable | None:
-    """None (the shared greedy sampler) at temperature 0; else a seeded per-row sampler."""
-    params = task.params
-    if params.temperature <= 0:
-        return None
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    material = f"{params.seed}:{task.id}:{task.sample_index}".encode()
-    state = [mx.random.key(int.from_bytes(hashlib.sha256(material).digest()[:8], "little"))]
-    inv_temp = 1.0 / params.temperature
-
-    # The key depends only on (seed, row id, sample index, step): batch-invariant draws.
-    def sample(logprobs: Any) -> Any:
-        keys = mx.random.split(state[0])
-        state[0] = keys[0]
-        if params.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, params.top_p)
-        if params.min_p > 0.0:
-            logprobs = apply_min_p(logprobs, params.min_p)
-        if params.top_k > 0:
-            logprobs = apply_top_k(logprobs, params.top_k)
-        return mx.random.categorical(logprobs * inv_temp, key=keys[1])
-
-    return sample
+def _row_seed(task: Task) -> int:
+    material = f"{task.params.seed}:{task.id}:{task.sample_index}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
 
-def _processors(task: Task, masks: Any) -> list[Callable]:
-    """The row's logits processors: logit bias, repetition penalty, then its grammar mask."""
+def _step_key(seed: int, step: int) -> tuple[int, int]:
+    """A row's key at one step: a splitmix64 mix of (row seed, step), as two uint32 words."""
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return z >> 32, z & 0xFFFFFFFF
+
+
+class _SampledRow:
+    def __init__(self, task: Task):
+        self.seed = _row_seed(task)
+        self.params = task.params
+        self.step = 0
+
+
+class _SeededSampler:
+    """One sampler object shared by every sampled row, so mlx-lm calls it once per batch.
+
+    Each sampled row also gets a logits processor that only registers the row: processors
+    run row by row, in batch order, just before sampling, so the sampler knows whose rows it
+    is given. A row's draw is Gumbel-max with noise from its own key, a function of (seed, row
+    id, sample index, step) alone: the same whatever else is in the batch, and one vmapped
+    op for the whole batch. (A batch that mixes in greedy rows calls it row by row; the draws
+    are the same.)
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[_SampledRow] = deque()
+
+    def processor(self, task: Task) -> Callable:
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k
+
+        row = _SampledRow(task)
+        params = task.params
+
+        def register(tokens: Any, logits: Any) -> Any:
+            self.pending.append(row)
+            # Per-row filters that do not batch: applied here, on this row's logits only.
+            if params.min_p > 0.0:
+                logits = apply_min_p(logits, params.min_p)
+            if params.top_k > 0:
+                logits = apply_top_k(logits, params.top_k)
+            return logits
+
+        return register
+
+    def __call__(self, logprobs: Any) -> Any:
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p
+
+        rows = [self.pending.popleft() for _ in range(logprobs.shape[0])]
+        keys = mx.array([_step_key(r.seed, r.step) for r in rows], dtype=mx.uint32)
+        for r in rows:
+            r.step += 1
+        top_p = [r.params.top_p for r in rows]
+        if min(top_p) < 1.0:
+            p = mx.array(top_p)[:, None]
+            logprobs = mx.where(p < 1.0, apply_top_p(logprobs, p), logprobs)
+        inv_temp = mx.array([1.0 / r.params.temperature for r in rows])[:, None]
+        vocab = logprobs.shape[-1]
+        noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
+        return mx.argmax(logprobs * inv_temp + noise, axis=-1)
+
+
+def _processors(task: Task, masks: Any, sampler: _SeededSampler) -> list[Callable]:
+    """The row's logits processors: logit bias, repetition penalty, its grammar mask, and for a
+    sampled row, last, the registration with the shared seeded sampler."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_repetition_penalty
 
@@ -465,6 +515,8 @@ def _processors(task: Task, masks: Any) -> list[Callable]:
         processors.append(make_repetition_penalty(params.repetition_penalty, context_size=20))
     if params.constraint is not None:
         processors.append(_constraint_processor(params.constraint, masks))
+    if params.temperature > 0:
+        processors.append(sampler.processor(task))
     return processors
 
 

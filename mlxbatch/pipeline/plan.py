@@ -14,7 +14,7 @@ from itertools import pairwise
 
 from mlxbatch.records import PrefixGroup, Task
 
-MAX_COMPLETION_BATCH = 256
+MAX_COMPLETION_BATCH = 512
 PREFILL_TOKENS_PER_STEP = 8192
 
 
