@@ -144,3 +144,22 @@ def test_checkpoint_exports_partial_output_during_a_run(tmp_path, tiny_model):
     assert 8 <= len(partial) <= committed(store)
     order = [int(r["id"].split("-")[1]) for r in partial]
     assert order == sorted(order)
+
+
+def test_sampled_run_killed_and_resumed_matches_an_uninterrupted_one(tmp_path, tiny_model):
+    sampled = ("--temperature", "0.9", "-n", "2", "--top-p", "0.9")
+    rows = ROWS[:120]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref_in = write_jsonl(ref_dir / "in.jsonl", rows)
+    ref = start(ref_in, ref_dir / "out.jsonl", tiny_model, *sampled)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    proc = start(inp, out, tiny_model, *sampled)
+    wait_for(lambda: committed(Path(f"{out}.mlxbatch.sqlite")) >= 40)
+    proc.kill()
+    proc.wait()
+    resumed = start(inp, out, tiny_model, *sampled)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert out.read_bytes() == (ref_dir / "out.jsonl").read_bytes()
