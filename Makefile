@@ -21,7 +21,7 @@ demo: setup
 	@echo "== building a small RANDOM-WEIGHT model in $(DEMO)/model (its text is noise; the pipeline is real)"
 	@test -f $(DEMO)/model/config.json || $(RUN) -m mlxbatch.testing.tiny_model $(DEMO)/model --hidden-size 128 --num-hidden-layers 4 --vocab-size 1024
 	$(RUN) -m mlxbatch process examples/prompts.jsonl -m $(DEMO)/model --max-tokens 24 -o $(DEMO)/prompts.out.jsonl
-	$(RUN) -m mlxbatch process examples/openai_batch.jsonl -m $(DEMO)/model -o $(DEMO)/openai_batch.out.jsonl
+	$(RUN) -m mlxbatch process examples/openai_batch.jsonl -m $(DEMO)/model --ignore-model -o $(DEMO)/openai_batch.out.jsonl
 	$(RUN) -m mlxbatch process --job jobs/label-sentiment.yaml --model $(DEMO)/model -o $(DEMO)/reviews.labels.parquet
 	$(RUN) -m mlxbatch status $(DEMO)/prompts.out.jsonl
 	@echo "== first lines of $(DEMO)/prompts.out.jsonl"

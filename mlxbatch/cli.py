@@ -1,9 +1,10 @@
 """The `mlxbatch` command line: process, validate, status, export.
 
 Exit codes: 0 success; 1 input problems, failed rows over --max-errors, a locked or damaged
-store, or a model that cannot load; 2 usage errors; 130 / 143 after SIGINT / SIGTERM (finished
-rows are committed and exported first). Nothing here imports mlx: `process` reaches it through
-jobs/runner.py only once the input has passed validation.
+store, or a model that cannot load; 2 usage errors; 3 --deadline reached; 130 / 143 after
+SIGINT / SIGTERM (finished rows are committed and exported first, as at a deadline). Nothing
+here imports mlx: `process` reaches it through jobs/runner.py only once the input has passed
+validation (and `export --format` through the tokenizer, when it needs one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mlxbatch.jobs.spec import DEFAULT_MODEL, JobSpec, build_spec, default_store
 from mlxbatch.records import InputProblems
 
 EXIT_INPUT = 1
+EXIT_DEADLINE = 3
 
 
 def _input_options(f: Callable) -> Callable:
@@ -79,6 +81,17 @@ def _check_ray_address(ctx: click.Context, param: click.Parameter, value: str | 
         )
     if importlib.util.find_spec("ray") is None:
         raise click.BadParameter(f"Ray is not installed: {INSTALL_HINT}", ctx, param)
+    return value
+
+
+def _check_deadline(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from mlxbatch.jobs.deadline import parse_hhmm
+
+    if value is not None:
+        try:
+            parse_hhmm(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
     return value
 
 
@@ -255,6 +268,25 @@ def _generation_options(f: Callable) -> Callable:
             type=click.IntRange(min=1),
             help="Ray workers, each holding the model  [default: one per mlx unit, GPU or node]",
         ),
+        click.option(
+            "--ignore-model",
+            is_flag=True,
+            help="Run OpenAI batch lines whose body.model names another model "
+            "(default: each is a model_mismatch error record).",
+        ),
+        click.option(
+            "--deadline",
+            metavar="HH:MM",
+            callback=_check_deadline,
+            help="Stop cleanly at this local time (its next occurrence), exit 3; run again "
+            "to resume.",
+        ),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Check, tokenize and count, time a short calibration, estimate the run "
+            "time (and whether it meets --deadline); write nothing.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     ]
     for option in reversed(options):
@@ -339,12 +371,25 @@ def process(ctx: click.Context, **params: Any) -> None:
     """
     from mlxbatch.jobs.runner import run_job
 
+    dry = params.pop("dry_run")
     spec = _spec(ctx, params)
+    if dry:
+        from mlxbatch.jobs.dryrun import dry_run, report_lines
+
+        for line in report_lines(dry_run(spec)):
+            click.echo(line)
+        return
     summary = run_job(spec)
     if not spec.quiet:
         click.echo(_summary_line(summary), err=True)
     if summary.signal is not None:
         ctx.exit(128 + summary.signal)
+    if summary.deadline_reached:
+        click.echo(
+            f"mlxbatch: deadline reached; run again to resume (--deadline {spec.deadline})",
+            err=True,
+        )
+        ctx.exit(EXIT_DEADLINE)
     if summary.failed > spec.max_errors:
         click.echo(
             f"Error: {summary.failed} row(s) failed (--max-errors {spec.max_errors}); "
@@ -402,16 +447,12 @@ def status(output: str, store: str | None, as_json: bool) -> None:
     finally:
         db.close()
     changed = _changed_settings(before, run) if run and before else {}
+    prov = run.pop("provenance", None) if run else None
     if run:
         run["state"] = _run_state(run)
     if as_json:
-        click.echo(
-            json.dumps(
-                {"store": path, **counts, "results": results, "last_run": run, "changed": changed},
-                indent=2,
-                default=str,
-            )
-        )
+        data = {"store": path, **counts, "results": results, "last_run": run, "changed": changed}
+        click.echo(json.dumps({**data, "provenance": prov}, indent=2, default=str))
         return
     click.echo(f"store: {path}")
     click.echo(
@@ -432,6 +473,12 @@ def status(output: str, store: str | None, as_json: bool) -> None:
                 f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
                 f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB"
             )
+        if prov:
+            from mlxbatch.jobs.provenance import manifest_path, summary_lines
+
+            click.echo(f"provenance: {manifest_path(run['output'])}")
+            for line in summary_lines(prov):
+                click.echo(f"  {line}")
     other = (
         f", {results['other']} from other settings or rows (not used; --fresh drops them)"
         if results["other"]
@@ -495,26 +542,91 @@ def _run_state(run: dict) -> str:
 @click.option(
     "-o",
     "--to",
+    "--out-dir",
     "target",
     type=click.Path(),
-    help="Write here instead of OUTPUT (.jsonl or .parquet).",
+    help="Write here instead of OUTPUT (.jsonl or .parquet); with --format, the directory "
+    "for train/valid/test.jsonl  [default: data]",
+)
+@click.option(
+    "--format",
+    "dataset_format",
+    type=click.Choice(["chat", "completions", "text"]),
+    help="Write an mlx_lm.lora dataset (train/valid/test.jsonl) instead of the output.",
+)
+@click.option(
+    "--split",
+    help="With --format: train,valid,test fractions, by a hash of each row id  "
+    "[default: 0.9,0.05,0.05]",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    help="With --format: leave out examples longer than N tokens (the model's tokenizer).",
+)
+@click.option(
+    "--drop-truncated",
+    is_flag=True,
+    help="With --format: leave out outputs cut off by max_tokens (finish_reason length).",
 )
 @_handle_input_problems
-def export(output: str, store: str | None, target: str | None) -> None:
-    """Write OUTPUT again from its store, atomically; works while a run is going on."""
+def export(
+    output: str,
+    store: str | None,
+    target: str | None,
+    dataset_format: str | None,
+    split: str | None,
+    max_length: int | None,
+    drop_truncated: bool,
+) -> None:
+    """Write OUTPUT again from its store, atomically; works while a run is going on.
+
+    With --format, write a fine-tuning set for mlx_lm.lora from the successful rows instead.
+    """
+    from mlxbatch.jobs import provenance
     from mlxbatch.jobs.runner import export_outputs
     from mlxbatch.jobs.store import Store
 
+    if dataset_format is None and (split or max_length or drop_truncated):
+        raise click.UsageError("--split, --max-length and --drop-truncated need --format")
     db = Store(_store_for(output, store), create=False)
     try:
         run = db.last_run()
         if run is None:
             raise click.ClickException(f"{db.path}: the store holds no run yet")
+        if dataset_format is not None:
+            out_dir = target or "data"
+            _export_dataset(db, run, out_dir, dataset_format, split, max_length, drop_truncated)
+            return
         spec = JobSpec(input=run["input"], output=target or output, model=run["model"])
         n = export_outputs(db, spec, run["kind"])
+        manifest = provenance.for_export(run, spec.output_path, n)
+        provenance.write_manifest(provenance.manifest_path(spec.output_path), manifest)
     finally:
         db.close()
     click.echo(f"wrote {n} lines to {spec.output_path}")
+
+
+def _export_dataset(
+    db: Any,
+    run: dict,
+    out_dir: str,
+    fmt: str,
+    split: str | None,
+    max_length: int | None,
+    drop_truncated: bool,
+) -> None:
+    from mlxbatch.jobs import datasets
+
+    try:
+        fractions = datasets.parse_split(split or "0.9,0.05,0.05")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--split'") from None
+    try:
+        report = datasets.publish(db, run, out_dir, fmt, fractions, max_length, drop_truncated)
+    except datasets.DatasetError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(datasets.report_line(report))
 
 
 @cli.command()

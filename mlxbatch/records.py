@@ -76,6 +76,7 @@ class Request:
     custom_id: str | None = None
     prompt: str | None = None
     messages: list[dict] | None = None
+    prompt_ids: list[int] | None = None  # an OpenAI /v1/completions prompt given as token ids
     fields: dict | None = None  # the row itself, for template rows
     url: str | None = None  # OpenAI envelope url
     error: tuple[str, str] | None = None  # (code, message): a per-row error known before generation

@@ -527,6 +527,7 @@ def test_row_values_are_never_used_as_paths(tmp_path, tiny_model):
         "in.jsonl",
         "out.jsonl",
         "out.jsonl.errors.jsonl",
+        "out.jsonl.manifest.json",
         "out.jsonl.mlxbatch.sqlite",
         "out.jsonl.mlxbatch.sqlite.lock",
     ]

@@ -27,17 +27,22 @@ from mlxbatch.records import SourceRow
 PARQUET_CHUNK = 8192
 
 
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then publish tmp_path as `path` durably and atomically."""
+def write_atomic(path: str, write: Callable[[str], None], *, faults: bool = True) -> None:
+    """Call `write(tmp_path)`, then publish tmp_path as `path` durably and atomically.
+
+    `faults=False` keeps the MLXBATCH_FAULT test hook out of this write (metadata files).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}.tmp-"
     tmp = os.path.join(directory, f"{prefix}{os.getpid()}")
     _remove_stale_temps(directory, prefix)
     try:
         write(tmp)
-        FAULTS.point("export_tmp")
+        if faults:
+            FAULTS.point("export_tmp")
         with open(tmp, "rb+") as f:
-            FAULTS.check_file_write(f"fsync:{path}")
+            if faults:
+                FAULTS.check_file_write(f"fsync:{path}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -47,7 +52,8 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
             # Name the file the user asked for, not its temp file; that file is unchanged.
             raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
-    FAULTS.point("after_replace")
+    if faults:
+        FAULTS.point("after_replace")
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -135,7 +141,10 @@ def openai_record(rows: list[ExportRow], model: str) -> dict:
             choice["message"] = {"role": "assistant", "content": r.text or ""}
         else:
             choice["text"] = r.text or ""
-        choice.update(logprobs=(r.extra or {}).get("logprobs"), finish_reason=r.finish_reason)
+        logprobs = (r.extra or {}).get("logprobs")
+        if logprobs is not None and not chat:
+            logprobs = legacy_logprobs(logprobs)
+        choice.update(logprobs=logprobs, finish_reason=r.finish_reason)
         choices.append(choice)
     prompt = first.prompt_tokens or 0
     completion = sum(r.completion_tokens or 0 for r in rows)
@@ -153,6 +162,26 @@ def openai_record(rows: list[ExportRow], model: str) -> dict:
     }
     response = {"status_code": 200, "request_id": f"req_{digest[48:]}", "body": body}
     return {**line, "response": response, "error": None}
+
+
+def legacy_logprobs(logprobs: dict) -> dict:
+    """Chat-style `{"content": [...]}` logprobs in the /v1/completions (legacy) shape.
+
+    `text_offset` counts characters from the start of the completion, as vLLM does without echo.
+    """
+    content = logprobs.get("content") or []
+    offsets, position = [], 0
+    for entry in content:
+        offsets.append(position)
+        position += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in content],
+        "token_logprobs": [e["logprob"] for e in content],
+        "top_logprobs": [
+            {a["token"]: a["logprob"] for a in (e.get("top_logprobs") or [e])} for e in content
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _finished(rows: Iterable[ExportRow]) -> Iterator[ExportRow]:
@@ -197,11 +226,23 @@ def _write_errors(path: str, lines: list[str]) -> None:
         os.unlink(path)  # a stale errors file from an earlier run would mislead
 
 
-def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[SourceRow]) -> int:
-    """Write Parquet: each input row's columns plus the output columns, one row per sample."""
+def export_parquet(
+    store: Store,
+    output: str,
+    errors: str,
+    input_rows: Iterable[SourceRow],
+    input_path: str | None = None,
+) -> int:
+    """Write Parquet: each input row's columns plus the output columns, one row per sample.
+
+    The output columns have fixed types, and a Parquet input's columns keep the input's types,
+    so a column that is null all through the first chunk (no failed row yet) does not fix its
+    type as null; other columns' types come from the first chunk.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from_input = pq.read_schema(input_path) if input_path else None
     inputs = iter(input_rows)
     current = SourceRow(0, {})
     err_lines: list[str] = []
@@ -225,11 +266,11 @@ def export_parquet(store: Store, output: str, errors: str, input_rows: Iterable[
         for record in records():
             chunk.append(record)
             if len(chunk) >= PARQUET_CHUNK:
-                writer = _write_chunk(pa, pq, writer, tmp, chunk)
+                writer = _write_chunk(pa, pq, writer, tmp, chunk, from_input)
                 written += len(chunk)
                 chunk = []
         if chunk or writer is None:
-            writer = _write_chunk(pa, pq, writer, tmp, chunk)
+            writer = _write_chunk(pa, pq, writer, tmp, chunk, from_input)
             written += len(chunk)
         writer.close()
 
@@ -254,11 +295,43 @@ def _flat(record: dict) -> dict:
     }
 
 
-def _write_chunk(pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict]) -> Any:
+# Arrow types of the columns mlxbatch adds (`id` is the input's own, string or integer).
+OUTPUT_TYPES = {
+    "custom_id": "string",
+    "sample_index": "int64",
+    "output": "string",
+    "parsed": "string",
+    "choice_probs": "string",
+    "finish_reason": "string",
+    "prompt_tokens": "int64",
+    "completion_tokens": "int64",
+    "error_code": "string",
+    "error_message": "string",
+}
+
+
+def _schema(pa: Any, chunk: list[dict], from_input: Any) -> Any:
+    """The file's schema: the first chunk's, with fixed output types and the input's types."""
+    fields = []
+    for f in pa.Table.from_pylist(chunk).schema:
+        kind = f.type
+        if f.name in OUTPUT_TYPES:
+            kind = getattr(pa, OUTPUT_TYPES[f.name])()
+        elif from_input is not None and f.name != "id" and f.name in from_input.names:
+            kind = from_input.field(f.name).type
+        fields.append(pa.field(f.name, kind))
+    return pa.schema(fields)
+
+
+def _write_chunk(
+    pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict], from_input: Any = None
+) -> Any:
     FAULTS.check_file_write(f"parquet:{path}")
     if writer is None:
         table = (
-            pa.Table.from_pylist(chunk) if chunk else pa.table({"id": pa.array([], pa.string())})
+            pa.Table.from_pylist(chunk, schema=_schema(pa, chunk, from_input))
+            if chunk
+            else pa.table({"id": pa.array([], pa.string())})
         )
         writer = pq.ParquetWriter(path, table.schema)
     else:

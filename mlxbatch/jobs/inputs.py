@@ -48,7 +48,13 @@ def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> Val
         template_fields=fields,
         user_schema=user_schema,
         max_problems=problems_cap,
+        model_names=None if spec.ignore_model else model_names(spec.model),
     )
+
+
+def model_names(model: str) -> frozenset[str]:
+    """What an OpenAI line's body.model may say for `model`: the --model string or its basename."""
+    return frozenset({model, os.path.basename(model.rstrip("/\\")) or model})
 
 
 def _file_kind(spec: JobSpec) -> str:

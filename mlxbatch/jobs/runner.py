@@ -3,7 +3,9 @@
 The input is checked in full before the model loads (`check_inputs`), then streamed a window
 of rows at a time: rendered to keyed tasks, filtered against the store (only keys without a
 result are generated), sorted by length, generated, and committed one batch per transaction.
-SIGINT/SIGTERM stop generation at the next step; finished work is committed and exported.
+SIGINT/SIGTERM, and a `--deadline` reached, stop generation at the next step; finished work
+is committed and exported. Each run's provenance goes into the store and `<output>.manifest.json`;
+on macOS a power assertion (jobs/power.py) keeps the machine awake while the model loads and runs.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from mlxbatch.jobs import provenance
+from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
 from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path, iter_requests
+from mlxbatch.jobs.power import keep_awake
 from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
@@ -47,7 +52,9 @@ def open_store(spec: JobSpec) -> Store:
 def export_outputs(store: Store, spec: JobSpec, kind: str) -> int:
     """Publish the output (and errors) files from the store."""
     if input_format(spec.output_path) == "parquet":
-        return export_parquet(store, spec.output_path, spec.errors_path, read_rows(spec.input))
+        rows = read_rows(spec.input)
+        from_parquet = spec.input if input_format(spec.input) == "parquet" else None
+        return export_parquet(store, spec.output_path, spec.errors_path, rows, from_parquet)
     model = spec.model if kind == OPENAI else None
     return export_jsonl(store, spec.output_path, spec.errors_path, openai_model=model)
 
@@ -56,6 +63,7 @@ def export_outputs(store: Store, spec: JobSpec, kind: str) -> int:
 class RunSummary:
     status: str = "completed"  # "completed" | "interrupted"
     signal: int | None = None
+    deadline_reached: bool = False  # stopped by --deadline (resumable, like a signal)
     rows: int = 0
     ok: int = 0
     failed: int = 0
@@ -148,20 +156,23 @@ def run_job(spec: JobSpec) -> RunSummary:
     store = open_store(spec)
     try:
         store.lock()
-        engine = Engine(
-            spec.model,
-            adapter_path=spec.adapter_path,
-            dtype=spec.dtype,
-            quantize=spec.quantize,
-            trust_remote_code=spec.trust_remote_code,
-        )
-        return _run(spec, check, store, engine, started)
+        with keep_awake():  # macOS: no idle sleep until the run ends
+            engine = Engine(
+                spec.model,
+                adapter_path=spec.adapter_path,
+                dtype=spec.dtype,
+                quantize=spec.quantize,
+                trust_remote_code=spec.trust_remote_code,
+            )
+            return _run(spec, check, store, engine, started)
     finally:
         store.close()
 
 
 def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: float) -> RunSummary:
     summary = RunSummary(rows=check.tasks, output=spec.output_path)
+    deadline = Deadline.from_hhmm(spec.deadline) if spec.deadline else None
+    known = provenance.start(spec, engine, check.kind)
     run_id = store.begin_run(
         input=spec.input,
         output=spec.output_path,
@@ -174,7 +185,13 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
         store.clear_results()
     store.clear_manifest()
     stopping: list[int] = []
+    late: list[bool] = []  # set when generation was cut short by the deadline
     last_export = [time.monotonic()]
+
+    def should_stop() -> bool:
+        if not (stopping or late) and deadline is not None and deadline.passed():
+            late.append(True)
+        return bool(stopping or late)
 
     def checkpoint() -> None:
         if time.monotonic() - last_export[0] >= spec.checkpoint_every:
@@ -211,21 +228,28 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                     spec,
                     engine,
                     on_result=committer.add,
-                    should_stop=lambda: bool(stopping),
+                    should_stop=should_stop,
                     on_batch_size=committer.set_batch,
                 )
                 summary.stop_generating()
             committer.flush()
-            if stopping:
+            if stopping or late:
                 break
         if stopping:
             summary.status, summary.signal = "interrupted", stopping[0]
+        elif late:
+            summary.status, summary.deadline_reached = "interrupted", True
         summary.wall = time.perf_counter() - started
         summary.peak_memory = max(engine.stats.peak_memory, _peak_rss())
         # The run is recorded before the output is published: a full disk here leaves the
         # previous output untouched.
-        store.end_run(run_id, summary.status, _stats(summary))
+        stats = _stats(summary)
+        prov = provenance.finish(
+            known, run_id=run_id, status=summary.status, stats=stats, counts=store.counts()
+        )
+        store.end_run(run_id, summary.status, stats, prov)
         export_outputs(store, spec, check.kind)
+        provenance.write_manifest(provenance.manifest_path(spec.output_path), prov)
     except BaseException:
         with contextlib.suppress(Exception):
             store.end_run(run_id, "failed", _stats(summary))

@@ -61,6 +61,8 @@ class JobSpec:
     ray: str | None = None  # Ray address ("auto", HOST:PORT): generate on a Ray cluster
     ray_workers: int | None = None  # Ray actors (default: one per machine / GPU / mlx unit)
     executor: str | None = None  # "local" | "ray" (job files); None: Ray when `ray` is set
+    ignore_model: bool = False  # run OpenAI lines whose body.model names another model
+    deadline: str | None = None  # "HH:MM": stop cleanly (resumably) at its next occurrence
 
     @property
     def output_path(self) -> str:

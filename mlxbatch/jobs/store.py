@@ -3,7 +3,7 @@
 - `results`: key -> generated text (or error), written one transaction per finished batch.
 - `manifest`: the current input's tasks in output order (seq -> id, sample, key); export
   joins it with `results`, so outputs can be rebuilt at any time, even during a run.
-- `runs`: one row per `process` run, for `mlxbatch status`.
+- `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 The store runs in WAL mode with synchronous=FULL (and fullfsync on macOS). One process at a
 time holds it, through an flock on `<store>.lock` that the kernel drops when the holder dies,
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS manifest (
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, status TEXT NOT NULL,
     pid INTEGER NOT NULL, input TEXT, output TEXT, model TEXT, model_identity TEXT,
-    kind TEXT, spec TEXT, stats TEXT
+    kind TEXT, spec TEXT, stats TEXT, provenance TEXT
 );
 """
 
@@ -184,6 +184,10 @@ class Store:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
         if "extra" not in columns:
             self.db.execute("ALTER TABLE results ADD COLUMN extra TEXT")
+        # Stores written before runs carried their provenance (jobs/provenance.py).
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "provenance" not in columns:
+            self.db.execute("ALTER TABLE runs ADD COLUMN provenance TEXT")
 
     def _damaged(self, why: object) -> str:
         return (
@@ -373,12 +377,21 @@ class Store:
             )
         return int(cursor.lastrowid or 0)
 
-    def end_run(self, run_id: int, status: str, stats: dict) -> None:
+    def end_run(
+        self, run_id: int, status: str, stats: dict, provenance: dict | None = None
+    ) -> None:
         with self._sqlite_errors():
             self._write_fault("end_run")
             self.db.execute(
-                "UPDATE runs SET finished = ?, status = ?, stats = ? WHERE run_id = ?",
-                (time.time(), status, json.dumps(stats), run_id),
+                "UPDATE runs SET finished = ?, status = ?, stats = ?, provenance = ? "
+                "WHERE run_id = ?",
+                (
+                    time.time(),
+                    status,
+                    json.dumps(stats),
+                    json.dumps(provenance, default=str) if provenance is not None else None,
+                    run_id,
+                ),
             )
 
     def last_run(self) -> dict | None:
@@ -400,6 +413,7 @@ class Store:
                 run = dict(row)
                 run["spec"] = json.loads(run["spec"] or "{}")
                 run["stats"] = json.loads(run["stats"] or "{}")
+                run["provenance"] = json.loads(run.get("provenance") or "null")
         finally:
             self.db.row_factory = None
         return run

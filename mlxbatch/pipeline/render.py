@@ -92,7 +92,7 @@ def _chat_text(tokenizer: Any, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
     if system is None or any(m["role"] in ("system", "developer") for m in messages):
         return messages
     return [{"role": "system", "content": system}, *messages]
@@ -121,10 +121,21 @@ def prompt_text(
     if messages is not None:
         if not has_chat:
             raise TemplateError("the model has no chat template; give 'prompt' rows instead")
-        return _chat_text(tokenizer, _with_system(messages, system)), False
+        return _chat_text(tokenizer, with_system(messages, system)), False
     if request.prompt is not None:
         return request.prompt, True
+    if request.prompt_ids is not None:
+        return tokenizer.decode(request.prompt_ids), False
     raise TemplateError("row has nothing to generate from")
+
+
+def _token_error(ids: list[int], tokenizer: Any) -> tuple[str, str] | None:
+    """An error for a prompt given as token ids that the model's vocabulary does not hold."""
+    size = len(tokenizer)
+    bad = next((t for t in ids if not 0 <= t < size), None)
+    if bad is None:
+        return None
+    return ("invalid_prompt", f"token id {bad} is outside the vocabulary (0 to {size - 1})")
 
 
 def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -193,7 +204,9 @@ def render_tasks(
     errors: list[tuple[str, str] | None] = [r.error for r in requests]
     texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
     for i, request in enumerate(requests):
-        if errors[i] is None:
+        if errors[i] is None and request.prompt_ids is not None:
+            errors[i] = _token_error(request.prompt_ids, tokenizer)
+        elif errors[i] is None:
             try:
                 text, special = prompt_text(
                     request,
@@ -205,7 +218,7 @@ def render_tasks(
                 texts[special].append((i, text))
             except (TemplateError, jinja2.TemplateError, ValueError) as e:
                 errors[i] = ("render_error", str(e))
-    ids: list[list[int]] = [[] for _ in requests]
+    ids: list[list[int]] = [list(r.prompt_ids or []) for r in requests]
     for special, items in texts.items():
         if items:
             encoded = encode_texts(tokenizer, [t for _, t in items], special)

@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 
+from mlxbatch.pipeline import openai_body
 from mlxbatch.records import (
     MESSAGES,
     OPENAI,
@@ -54,6 +55,8 @@ class ValidationContext:
     # Checks a row's constraint (pipeline/constrain.py), raising ValueError when unusable.
     check_constraint: Callable[[dict], None] | None = None
     read_constraint: Callable[[dict], dict | None] | None = None
+    # Names an OpenAI line's body.model may give (the loaded model); None accepts any.
+    model_names: frozenset[str] | None = None
     problems: list[Problem] = field(default_factory=list)
     total_problems: int = 0
 
@@ -164,6 +167,8 @@ def _validate_row(row: SourceRow, ctx: ValidationContext, v: _Validators) -> Req
         report(Problem(ctx.file, row.line, f"expected a JSON object, got {_json_type(data)}"))
         return None
     kind = ctx.kind
+    if kind == OPENAI:
+        data = openai_body.without_nulls(data)
     if kind == PROMPT:
         if "messages" in data:
             kind = MESSAGES
@@ -359,8 +364,13 @@ def _unknown(keys: Iterable[str], allowed: set[str]) -> tuple[str, str] | None:
 
 def _to_request(kind: str, data: dict, line: int, ctx: ValidationContext) -> Request:
     if kind == OPENAI:
-        body = data["body"]
         row_kind = OPENAI_URLS[data["url"]]
+        body = openai_body.legacy_logprobs(
+            openai_body.without_nulls(data)["body"], row_kind == PROMPT
+        )
+        text, ids, prompt_error = (
+            openai_body.prompt(body["prompt"]) if row_kind == PROMPT else (None, None, None)
+        )
         return Request(
             line=line,
             id=data["custom_id"],
@@ -368,9 +378,12 @@ def _to_request(kind: str, data: dict, line: int, ctx: ValidationContext) -> Req
             kind=OPENAI,
             params=_params(body, ctx.defaults, ctx),
             url=data["url"],
-            prompt=body.get("prompt") if row_kind == PROMPT else None,
+            prompt=text,
+            prompt_ids=ids,
             messages=_messages(body["messages"]) if row_kind == MESSAGES else None,
-            error=_unknown(body, OPENAI_BODY_FIELDS),
+            error=openai_body.model_mismatch(body, ctx.model_names)
+            or openai_body.unsupported(body, OPENAI_BODY_FIELDS)
+            or prompt_error,
         )
     row_id, custom_id = _row_id(data, line, ctx)
     if kind == TEMPLATE:
