@@ -25,9 +25,8 @@ from typing import Any
 from urllib.request import pathname2url
 
 from mlxbatch.jobs.deadline import Deadline, duration
-from mlxbatch.jobs.inputs import check_inputs, check_output_path, iter_requests
+from mlxbatch.jobs.inputs import check_inputs, check_output_path
 from mlxbatch.jobs.spec import JobSpec
-from mlxbatch.pipeline.render import render_tasks
 from mlxbatch.records import Result, Task
 
 CALIBRATION_ROWS = 8
@@ -93,7 +92,7 @@ def dry_run(
     spec: JobSpec, rows: int = CALIBRATION_ROWS, tokens: int = CALIBRATION_TOKENS
 ) -> DryRun:
     """Count and calibrate; raises InputProblems like a run would, before the model loads."""
-    from mlxbatch.jobs.runner import _windows
+    from mlxbatch.jobs.runner import task_windows
     from mlxbatch.pipeline.engine import Engine
 
     check = check_inputs(spec)
@@ -111,18 +110,7 @@ def dry_run(
     rng = random.Random(0)
     sample: list[Task] = []
     seen = 0
-    seq = 0
-    for window in _windows(iter_requests(spec, check.kind), spec.window):
-        tasks = render_tasks(
-            window,
-            engine.tokenizer,
-            model_identity=engine.identity,
-            template=spec.template,
-            system=spec.system,
-            use_chat_template=spec.chat_template,
-            first_seq=seq,
-        )
-        seq += len(tasks)
+    for tasks in task_windows(spec, check.kind, engine):
         report.tasks += len(tasks)
         done = None if spec.fresh else _done_keys(spec.store_path, [t.key for t in tasks])
         if done is not None and report.done is None:

@@ -33,7 +33,7 @@ from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.pipeline.render import render_tasks
-from mlxbatch.records import OPENAI, Request, Result
+from mlxbatch.records import OPENAI, Request, Result, Task
 
 
 def open_store(spec: JobSpec) -> Store:
@@ -141,6 +141,23 @@ def _progress(spec: JobSpec, total: int) -> Any:
     return tqdm(total=total, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
+def task_windows(spec: JobSpec, kind: str, engine: Any) -> Iterator[list[Task]]:
+    """The input's keyed tasks, a window of rows at a time, numbered in output order."""
+    seq = 0
+    for window in _windows(iter_requests(spec, kind), spec.window):
+        tasks = render_tasks(
+            window,
+            engine.tokenizer,
+            model_identity=engine.identity,
+            template=spec.template,
+            system=spec.system,
+            use_chat_template=spec.chat_template,
+            first_seq=seq,
+        )
+        seq += len(tasks)
+        yield tasks
+
+
 def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
     while window := list(islice(requests, size)):
         yield window
@@ -207,18 +224,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
     try:
-        seq = 0
-        for window in _windows(iter_requests(spec, check.kind), spec.window):
-            tasks = render_tasks(
-                window,
-                engine.tokenizer,
-                model_identity=engine.identity,
-                template=spec.template,
-                system=spec.system,
-                use_chat_template=spec.chat_template,
-                first_seq=seq,
-            )
-            seq += len(tasks)
+        for tasks in task_windows(spec, check.kind, engine):
             store.add_manifest(tasks)
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
