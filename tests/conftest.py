@@ -23,6 +23,26 @@ def short_context_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(path, max_position_embeddings=64))
 
 
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "an",
+    "old",
+    "robot",
+    "counts",
+    "green",
+    "apples",
+    "near",
+    "the",
+    "station",
+]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

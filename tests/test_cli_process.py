@@ -14,26 +14,7 @@ from click.testing import CliRunner
 
 from mlxbatch.cli import cli
 from mlxbatch.schemas import load_schema
-from tests.conftest import read_jsonl, write_jsonl
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "an",
-    "old",
-    "robot",
-    "counts",
-    "green",
-    "apples",
-    "near",
-    "the",
-    "station",
-]
+from tests.conftest import WORDS, read_jsonl, write_jsonl
 
 
 def prompts(n: int, start: int = 0) -> list[dict]:

@@ -15,26 +15,7 @@ from click.testing import CliRunner
 from mlxbatch.cli import cli
 from mlxbatch.jobs import deadline as deadline_module
 from mlxbatch.jobs.deadline import Deadline, next_occurrence
-from tests.conftest import read_jsonl, write_jsonl
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "an",
-    "old",
-    "robot",
-    "counts",
-    "green",
-    "apples",
-    "near",
-    "the",
-    "station",
-]
+from tests.conftest import WORDS, read_jsonl, write_jsonl
 
 
 def rows(n: int) -> list[dict]:

@@ -12,26 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlxbatch.cli import cli
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import WORDS, read_jsonl, write_jsonl
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "an",
-    "old",
-    "robot",
-    "counts",
-    "green",
-    "apples",
-    "near",
-    "the",
-    "station",
-]
 SYSTEM = {"role": "system", "content": "Be brief."}
 CHAT = [SYSTEM, {"role": "user", "content": "hello there"}]
 MULTI = [
