@@ -7,12 +7,11 @@ schema), checks templates and constraints, and raises InputProblems listing ever
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.jobs.spec import JobSpec, read_schema_file
 from mlxbatch.pipeline import constrain
 from mlxbatch.pipeline.read import check_readable, input_format, parquet_columns, read_rows
 from mlxbatch.pipeline.render import TemplateError, render_text, template_fields
@@ -28,15 +27,7 @@ class InputCheck:
 
 
 def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> ValidationContext:
-    user_schema = None
-    if spec.input_schema:
-        try:
-            with open(spec.input_schema, encoding="utf-8") as f:
-                user_schema = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputProblems(
-                [Problem(spec.input_schema, None, f"cannot read schema: {e}")]
-            ) from None
+    user_schema = read_schema_file(spec.input_schema) if spec.input_schema else None
     fields = template_fields(spec.template) if spec.template and kind == TEMPLATE else frozenset()
     return ValidationContext(
         check_constraint=constrain.check,

@@ -92,14 +92,7 @@ class JobSpec:
         if self.regex:
             return {"type": "regex", "pattern": self.regex}
         if self.json_schema:
-            try:
-                with open(self.json_schema, encoding="utf-8") as f:
-                    schema = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise InputProblems(
-                    [Problem(self.json_schema, None, f"cannot read schema: {e}")]
-                ) from None
-            return {"type": "json_schema", "schema": schema}
+            return {"type": "json_schema", "schema": read_schema_file(self.json_schema)}
         return None
 
     def default_params(self) -> GenParams:
@@ -120,6 +113,15 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def read_schema_file(path: str) -> dict:
+    """A JSON schema from a file the user named; an unreadable one is an input problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputProblems([Problem(path, None, f"cannot read schema: {e}")]) from None
 
 
 def default_output(input_path: str) -> str:
