@@ -10,6 +10,7 @@ decided by the caller (pipeline/plan.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -123,10 +124,15 @@ class Engine:
         itemsize = 4 if self.dtype == "float32" else 2
         return 2 * layers * kv_heads * head_dim * itemsize
 
+    @functools.cached_property
+    def _weights_bytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
     def memory_budget(self) -> int:
         """Bytes the KV caches may use: a share of device memory left after the weights."""
         import mlx.core as mx
-        from mlx.utils import tree_flatten
 
         info = mx.device_info()
         total = (
@@ -135,8 +141,7 @@ class Engine:
             or info.get("total_memory")
             or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         )
-        weights = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
-        return max(64 << 20, int(0.6 * int(total)) - weights)
+        return max(64 << 20, int(0.6 * int(total)) - self._weights_bytes)
 
     def generate(
         self,
