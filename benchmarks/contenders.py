@@ -147,7 +147,7 @@ def load_peer_model(model: str, dtype: str = "auto") -> tuple[Any, Any, float]:
 
 def peer_inputs(workload: Workload, model: str, tokenizer: Any) -> PeerInputs:
     """Token ids exactly as mlxbatch renders them (template, system prompt, chat template)."""
-    from mlxbatch.jobs.runner import check_inputs, iter_requests
+    from mlxbatch.jobs.inputs import check_inputs, iter_requests
     from mlxbatch.jobs.spec import JobSpec
     from mlxbatch.pipeline.render import render_tasks
 

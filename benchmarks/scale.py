@@ -1,11 +1,14 @@
-"""Scale check: wall time and peak memory of `mlxbatch process` against the number of rows.
+"""Scale check: wall time, peak memory and resume start-up of `mlxbatch process` against rows.
 
-Runs the real CLI in a subprocess over generated files of short prompts (1 new token, the tiny
-model) for each row count, then a resume: the first 90% of the rows are done, the file grows to
-100%, and the time until generation starts is measured. Prints a table; writes JSON with
-`--json`. It does not compare with peers (see run.py for that).
+For each row count it writes a file of short prompts and runs the real CLI in a subprocess
+(the tiny model, 1 new token). The run is killed with SIGKILL once 90% of the rows are in the
+store, the state a crashed nightly job leaves; a second run then resumes it. Reported per row
+count: seconds to reach 90% (linear in rows if all is well), peak RSS of each run, and how long
+the resumed run took before generating again (the run's own `first_generation_after`: input
+check, model load, finding what is done). Prints a table; writes JSON with `--json`. It does
+not compare with peers (see run.py for that).
 
-    python -m benchmarks.scale --rows 10000,100000 [--model DIR]
+    python -m benchmarks.scale --rows 10000,100000,1000000 [--model DIR]
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,39 +26,52 @@ from pathlib import Path
 
 from benchmarks.models import model_dir
 
-SUMMARY = re.compile(r"([\d.]+) tok/s; ([\d.]+) s;")
 
-
-def write_rows(path: Path, start: int, stop: int, mode: str = "w") -> None:
-    with open(path, mode, encoding="utf-8") as f:
-        for i in range(start, stop):
+def write_rows(path: Path, n: int) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
             f.write(json.dumps({"id": f"r{i}", "prompt": f"row {i} says hello"}) + "\n")
 
 
-def run_cli(inp: Path, model: str, window: int) -> dict:
+def stored_results(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as db:
+            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+def run_cli(inp: Path, model: str, window: int, kill_at: int | None = None) -> dict:
+    """One `mlxbatch process` run; SIGKILLed once `kill_at` results are stored, if given."""
     cmd = [sys.executable, "-m", "mlxbatch", "process", str(inp), "-m", model, "--max-tokens", "1",
-           "--window", str(window)]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+           "--window", str(window), "-q"]  # fmt: skip
+    store = Path(f"{inp.with_suffix('.out.jsonl')}.mlxbatch.sqlite")
     started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = False
+    while kill_at is not None and proc.poll() is None:
+        if stored_results(store) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.5)
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(done.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    summary = done.stderr.strip().splitlines()[-1]
-    generate = _generate_seconds(inp)
-    return {"wall_s": wall, "peak_rss_mib": max(peak, before) / 1024, "summary": summary,
-            "generate_s": generate}  # fmt: skip
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if not killed and status != 0:
+        raise SystemExit(f"mlxbatch failed: {stderr}")
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "killed": killed,
+            "results": stored_results(store)}  # fmt: skip
 
 
-def _generate_seconds(inp: Path) -> float:
-    out = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "mlxbatch", "status", str(inp.with_suffix(".out.jsonl")),
-             "--json"], capture_output=True, text=True, check=True,
-        ).stdout
-    )  # fmt: skip
-    return float(out["last_run"]["stats"].get("generate_seconds", 0.0))
+def last_run_stats(inp: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxbatch", "status", str(inp.with_suffix(".out.jsonl")), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out)["last_run"]["stats"]
 
 
 def main() -> None:
@@ -70,21 +86,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.rows.split(",")]:
             inp = Path(tmp) / f"rows-{n}.jsonl"
-            write_rows(inp, 0, n)
-            full = run_cli(inp, model, args.window)
-            # Resume: 90% done, the file grows to 100%: time before generation starts.
-            inp90 = Path(tmp) / f"grow-{n}.jsonl"
-            write_rows(inp90, 0, n * 9 // 10)
-            run_cli(inp90, model, args.window)
-            write_rows(inp90, n * 9 // 10, n, mode="a")
-            grown = run_cli(inp90, model, args.window)
-            results.append({"rows": n, "full": full, "resume_90": grown})
-            line = (
-                f"{n:>9,} rows: {full['wall_s']:7.1f} s wall, peak RSS "
-                f"{full['peak_rss_mib']:6.0f} MiB | resume at 90%: {grown['wall_s']:6.1f} s "
-                f"wall, of which generating {grown['generate_s']:5.1f} s"
+            write_rows(inp, n)
+            crashed = run_cli(inp, model, args.window, kill_at=n * 9 // 10)
+            resumed = run_cli(inp, model, args.window)
+            stats = last_run_stats(inp)
+            results.append({"rows": n, "to_90_percent": crashed, "resume": resumed,
+                            "resume_stats": stats})  # fmt: skip
+            print(
+                f"{n:>9,} rows: 90% stored after {crashed['wall_s']:7.1f} s "
+                f"({crashed['results']:,} rows, peak RSS {crashed['peak_rss_mib']:5.0f} MiB) | "
+                f"resume: generating after {stats['first_generation_after']:5.1f} s, done in "
+                f"{resumed['wall_s']:6.1f} s, peak RSS {resumed['peak_rss_mib']:5.0f} MiB",
+                flush=True,
             )
-            print(line, flush=True)
+            for f in Path(tmp).iterdir():  # free the disk before the next size
+                f.unlink()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -91,7 +91,7 @@ class Task:
     line: int
     id: Any
     sample_index: int
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # empty for a task already done whose rendering was skipped
     params: GenParams
     custom_id: str | None = None
     url: str | None = None

@@ -234,6 +234,7 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
     assert {
         "store:begin_run",
         "store:add_manifest",
+        "store:put_rendered",
         "store:put_results",
         "line:out.jsonl",
         "fsync:out.jsonl",
@@ -249,8 +250,9 @@ def test_disk_full_writing_parquet_keeps_the_old_file(tmp_path, tiny_model):
     assert invoke(args).exit_code == 0
     previous = out.read_bytes()
     write_jsonl(inp, ROWS[:9])
-    # begin_run, clear_manifest, add_manifest, put_results (4 new rows), end_run: then Parquet.
-    first_parquet_write = 6
+    # begin_run, clear_manifest, add_manifest, put_rendered, put_results (4 new rows), end_run:
+    # then Parquet.
+    first_parquet_write = 7
     result = invoke(args, env={"MLXBATCH_FAULT": f"enospc:{first_parquet_write}"})
     assert result.exit_code == 1
     assert result.stderr == f"Error: {out}: No space left on device; {DISK_FULL_HINT}\n"

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxbatch.jobs.runner import check_inputs, iter_requests
+from mlxbatch.jobs.inputs import check_inputs, iter_requests
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.records import InputProblems
 

@@ -92,7 +92,7 @@ def dry_run(
     spec: JobSpec, rows: int = CALIBRATION_ROWS, tokens: int = CALIBRATION_TOKENS
 ) -> DryRun:
     """Count and calibrate; raises InputProblems like a run would, before the model loads."""
-    from mlxbatch.jobs.runner import task_windows
+    from mlxbatch.jobs.windows import task_windows
     from mlxbatch.pipeline.engine import Engine
 
     check = check_inputs(spec)

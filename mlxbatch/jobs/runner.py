@@ -16,24 +16,22 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from mlxbatch.jobs import provenance
 from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
-from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path, iter_requests
+from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path
 from mlxbatch.jobs.power import keep_awake
 from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
+from mlxbatch.jobs.windows import task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
-from mlxbatch.pipeline.render import render_tasks
-from mlxbatch.records import OPENAI, Request, Result, Task
+from mlxbatch.records import OPENAI, Result
 
 
 def open_store(spec: JobSpec) -> Store:
@@ -72,6 +70,9 @@ class RunSummary:
     generated_tokens: int = 0
     wall: float = 0.0
     generate_seconds: float = 0.0  # time inside generation, excluding load and export
+    # Seconds from the start of the run (input check, model load, finding what is done) until
+    # generation began; None when there was nothing to generate.
+    first_generation_after: float | None = None
     peak_memory: int = 0
     output: str = ""
     errors: list[str] = field(default_factory=list)
@@ -141,28 +142,6 @@ def _progress(spec: JobSpec, total: int) -> Any:
     return tqdm(total=total, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def task_windows(spec: JobSpec, kind: str, engine: Any) -> Iterator[list[Task]]:
-    """The input's keyed tasks, a window of rows at a time, numbered in output order."""
-    seq = 0
-    for window in _windows(iter_requests(spec, kind), spec.window):
-        tasks = render_tasks(
-            window,
-            engine.tokenizer,
-            model_identity=engine.identity,
-            template=spec.template,
-            system=spec.system,
-            use_chat_template=spec.chat_template,
-            first_seq=seq,
-        )
-        seq += len(tasks)
-        yield tasks
-
-
-def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
-    while window := list(islice(requests, size)):
-        yield window
-
-
 def run_job(spec: JobSpec) -> RunSummary:
     """Run a whole job; returns its summary. Input problems raise before the model loads."""
     from mlxbatch.pipeline.engine import Engine
@@ -224,10 +203,12 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
     try:
-        for tasks in task_windows(spec, check.kind, engine):
+        for tasks in task_windows(spec, check.kind, engine, store):
             store.add_manifest(tasks)
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
+                if summary.first_generation_after is None:
+                    summary.first_generation_after = time.perf_counter() - started
                 summary.start_generating()
                 generate(
                     todo,
@@ -321,6 +302,7 @@ def _stats(summary: RunSummary) -> dict:
             "generated_tokens",
             "wall",
             "generate_seconds",
+            "first_generation_after",
             "peak_memory",
         )
     } | {"tokens_per_second": summary.tokens_per_second}

@@ -3,6 +3,8 @@
 - `results`: key -> generated text (or error), written one transaction per finished batch.
 - `manifest`: the current input's tasks in output order (seq -> id, sample, key); export
   joins it with `results`, so outputs can be rebuilt at any time, even during a run.
+- `rendered`: a request's digest (pipeline/render.request_digest) -> its task keys, so a
+  resumed or nightly run finds the keys of rows already done without rendering them again.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 The store runs in WAL mode with synchronous=FULL (and fullfsync on macOS). One process at a
@@ -48,6 +50,9 @@ CREATE TABLE IF NOT EXISTS manifest (
     seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, id TEXT NOT NULL, custom_id TEXT,
     sample_index INTEGER NOT NULL, n INTEGER NOT NULL, key TEXT NOT NULL, url TEXT
 );
+CREATE TABLE IF NOT EXISTS rendered (
+    digest BLOB PRIMARY KEY, keys TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, status TEXT NOT NULL,
     pid INTEGER NOT NULL, input TEXT, output TEXT, model TEXT, model_identity TEXT,
@@ -251,21 +256,19 @@ class Store:
         with self._sqlite_errors():
             self._write_fault("clear_results")
             self.db.execute("DELETE FROM results")
+            self.db.execute("DELETE FROM rendered")
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` that already have a successful result."""
-        found: set[str] = set()
-        batch = list(keys)
+        query = "SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({})"
+        return {row[0] for row in self._select_in(query, list(keys))}
+
+    def _select_in(self, query: str, values: list) -> Iterator[tuple]:
+        """Rows of `query` whose IN ({}) list is `values`, in chunks under SQLite's limit."""
         with self._sqlite_errors():
-            for i in range(0, len(batch), 900):  # under SQLite's bound-parameter limit
-                chunk = batch[i : i + 900]
-                marks = ",".join("?" * len(chunk))
-                rows = self.db.execute(
-                    f"SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({marks})",
-                    chunk,
-                )
-                found.update(r[0] for r in rows)
-        return found
+            for i in range(0, len(values), 900):
+                chunk = values[i : i + 900]
+                yield from self.db.execute(query.format(",".join("?" * len(chunk))), chunk)
 
     def put_results(self, results: list[Result]) -> None:
         """Write a finished batch in one transaction."""
@@ -288,6 +291,19 @@ class Store:
             self._write_fault("put_results")
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)", rows)
             FAULTS.point("in_commit")
+
+    def rendered_keys(self, digests: list[bytes]) -> dict[bytes, list[str]]:
+        """The task keys recorded for each of `digests` that has been rendered before."""
+        query = "SELECT digest, keys FROM rendered WHERE digest IN ({})"
+        return {d: keys.split(",") for d, keys in self._select_in(query, digests)}
+
+    def put_rendered(self, pairs: list[tuple[bytes, list[str]]]) -> None:
+        if not pairs:
+            return
+        rows = [(d, ",".join(keys)) for d, keys in pairs]
+        with self._sqlite_errors(), self._transaction():
+            self._write_fault("put_rendered")
+            self.db.executemany("INSERT OR REPLACE INTO rendered VALUES (?,?)", rows)
 
     # -- manifest ----------------------------------------------------------------------------
 

@@ -189,6 +189,35 @@ def task_key(
     return hashlib.sha256(blob).hexdigest()
 
 
+def render_identity(
+    tokenizer: Any,
+    *,
+    model_identity: str,
+    template: str | None,
+    system: str | None,
+    use_chat_template: bool,
+) -> bytes:
+    """Everything besides the request itself that its tasks' keys depend on."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab()))
+    chat = str(getattr(tokenizer, "chat_template", None))
+    settings = json.dumps([model_identity, template, system, use_chat_template, chat])
+    return hashlib.sha256((settings + vocabulary).encode("utf-8", "surrogatepass")).digest()
+
+
+def request_digest(request: Request, identity: bytes) -> bytes:
+    """A digest of what a request's task keys are computed from, under `render_identity`.
+
+    Equal digests mean equal keys, so a run can find a row's keys without rendering it again.
+    """
+    content = repr(
+        (request.kind, request.prompt, request.messages, request.prompt_ids, request.fields,
+         request.params)
+    )  # fmt: skip
+    material = identity + content.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(material, digest_size=16).digest()
+
+
 def render_tasks(
     requests: Iterable[Request],
     tokenizer: Any,
@@ -198,12 +227,20 @@ def render_tasks(
     system: str | None,
     use_chat_template: bool,
     first_seq: int = 0,
+    known_keys: dict[int, list[str]] | None = None,
 ) -> list[Task]:
-    """One Task per request and sample, numbered from `first_seq` in output order."""
+    """One Task per request and sample, numbered from `first_seq` in output order.
+
+    `known_keys` maps a request's index to its tasks' keys, found earlier and already done:
+    such a request is not rendered again, and its tasks carry no prompt ids.
+    """
     requests = list(requests)
+    known = known_keys or {}
     errors: list[tuple[str, str] | None] = [r.error for r in requests]
     texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
     for i, request in enumerate(requests):
+        if i in known:
+            continue
         if errors[i] is None and request.prompt_ids is not None:
             errors[i] = _token_error(request.prompt_ids, tokenizer)
         elif errors[i] is None:
@@ -226,9 +263,12 @@ def render_tasks(
                 ids[i] = token_ids
     tasks: list[Task] = []
     seq = first_seq
-    for request, error, prompt_ids in zip(requests, errors, ids, strict=True):
+    for i, (request, error, prompt_ids) in enumerate(zip(requests, errors, ids, strict=True)):
         for sample in range(request.params.n):
-            key = task_key(model_identity, prompt_ids, request.params, sample)
+            if i in known:
+                key = known[i][sample]
+            else:
+                key = task_key(model_identity, prompt_ids, request.params, sample)
             if error is not None:
                 # Failed rows still need distinct keys; their error is not cached as a result.
                 key = hashlib.sha256(f"{key}:{request.line}:{error}".encode()).hexdigest()
