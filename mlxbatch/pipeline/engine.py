@@ -309,6 +309,7 @@ class _BatchRun:
         )
         self.masks = masks
         self.sampler = _SeededSampler()
+        self.sampling = any(t.params.temperature > 0 for g in groups for t in g.tasks)
         self.queue = deque(groups)
         # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
         # handful of prefix caches are alive at once.
@@ -328,10 +329,12 @@ class _BatchRun:
                 [t.prompt_ids[len(group.prefix) :] for t in group.tasks],
                 max_tokens=[t.params.max_tokens for t in group.tasks],
                 caches=[cache] * len(group.tasks),
-                samplers=[self.sampler if t.params.temperature > 0 else None for t in group.tasks],
-                logits_processors=[_processors(t, self.masks, self.sampler) for t in group.tasks],
+                # One shared sampler once any row samples: mlx-lm then calls it once per step.
+                samplers=[self.sampler if self.sampling else None] * len(group.tasks),
+                logits_processors=[_processors(t, self.masks) for t in group.tasks],
             )
             for uid, task in zip(uids, group.tasks, strict=True):
+                self.sampler.register(uid, task)
                 self.tasks[uid] = task
                 self.tokens[uid] = []
                 if task.params.logprobs:
@@ -384,6 +387,7 @@ class _BatchRun:
         return entry
 
     def _finish(self, uid: int, finish: str) -> None:
+        self.sampler.forget(uid)
         task = self.tasks.pop(uid)
         tokens = self.tokens.pop(uid)
         text = self.engine.tokenizer.decode(tokens)
@@ -451,64 +455,77 @@ def _step_key(seed: int, step: int) -> tuple[int, int]:
 class _SampledRow:
     def __init__(self, task: Task):
         self.seed = _row_seed(task)
-        self.params = task.params
+        self.temperature = task.params.temperature
+        self.top_p = task.params.top_p
         self.step = 0
 
 
-class _SeededSampler:
-    """One sampler object shared by every sampled row, so mlx-lm calls it once per batch.
+class UnsupportedMlxLm(ModelLoadError):
+    """mlx-lm no longer calls samplers the way this module expects (see _calling_batch)."""
 
-    Each sampled row also gets a logits processor that only registers the row: processors
-    run row by row, in batch order, just before sampling, so the sampler knows whose rows it
-    is given. A row's draw is Gumbel-max with noise from its own key, a function of (seed, row
-    id, sample index, step) alone: the same whatever else is in the batch, and one vmapped
-    op for the whole batch. (A batch that mixes in greedy rows calls it row by row; the draws
-    are the same.)
+
+def _calling_batch_uids(rows: int) -> list[int]:
+    """The uids, in row order, of the mlx-lm GenerationBatch whose step called the sampler.
+
+    mlx-lm hands a sampler only the batch's logprobs. The alternative, a logits processor per
+    row that announces the row, makes mlx-lm slice the batch row by row every step.
+    """
+    import sys
+
+    caller = sys._getframe(2).f_locals.get("self")  # 0: here, 1: the sampler, 2: its caller
+    uids = getattr(caller, "uids", None)
+    if not isinstance(uids, list) or len(uids) != rows:
+        raise UnsupportedMlxLm("this mlx-lm version calls samplers differently; pin mlx-lm<0.33")
+    return uids
+
+
+class _SeededSampler:
+    """One sampler object for every row of a run, so mlx-lm calls it once per batch step.
+
+    A sampled row's draw is Gumbel-max with noise from its own key, a function of (seed, row
+    id, sample index, step) alone: the same whatever else is in the batch, and one vmapped op
+    for the whole batch. Greedy rows (not registered) take the argmax, as mlx-lm's default
+    sampler does.
     """
 
     def __init__(self) -> None:
-        self.pending: deque[_SampledRow] = deque()
+        self.rows: dict[int, _SampledRow] = {}
 
-    def processor(self, task: Task) -> Callable:
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k
+    def register(self, uid: int, task: Task) -> None:
+        if task.params.temperature > 0:
+            self.rows[uid] = _SampledRow(task)
 
-        row = _SampledRow(task)
-        params = task.params
-
-        def register(tokens: Any, logits: Any) -> Any:
-            self.pending.append(row)
-            # Per-row filters that do not batch: applied here, on this row's logits only.
-            if params.min_p > 0.0:
-                logits = apply_min_p(logits, params.min_p)
-            if params.top_k > 0:
-                logits = apply_top_k(logits, params.top_k)
-            return logits
-
-        return register
+    def forget(self, uid: int) -> None:
+        self.rows.pop(uid, None)
 
     def __call__(self, logprobs: Any) -> Any:
         import mlx.core as mx
         from mlx_lm.sample_utils import apply_top_p
 
-        rows = [self.pending.popleft() for _ in range(logprobs.shape[0])]
-        keys = mx.array([_step_key(r.seed, r.step) for r in rows], dtype=mx.uint32)
-        for r in rows:
+        rows = [self.rows.get(uid) for uid in _calling_batch_uids(logprobs.shape[0])]
+        greedy = mx.argmax(logprobs, axis=-1)
+        sampled = [r for r in rows if r is not None]
+        if not sampled:
+            return greedy
+        keys = mx.array([_step_key(r.seed, r.step) if r else (0, 0) for r in rows], mx.uint32)
+        for r in sampled:
             r.step += 1
-        top_p = [r.params.top_p for r in rows]
+        top_p = [r.top_p if r else 1.0 for r in rows]
         if min(top_p) < 1.0:
             p = mx.array(top_p)[:, None]
             logprobs = mx.where(p < 1.0, apply_top_p(logprobs, p), logprobs)
-        inv_temp = mx.array([1.0 / r.params.temperature for r in rows])[:, None]
+        inv_temp = mx.array([1.0 / r.temperature if r else 1.0 for r in rows])[:, None]
         vocab = logprobs.shape[-1]
         noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
-        return mx.argmax(logprobs * inv_temp + noise, axis=-1)
+        drawn = mx.argmax(logprobs * inv_temp + noise, axis=-1)
+        return mx.where(mx.array([r is not None for r in rows]), drawn, greedy)
 
 
-def _processors(task: Task, masks: Any, sampler: _SeededSampler) -> list[Callable]:
+def _processors(task: Task, masks: Any) -> list[Callable]:
     """The row's logits processors: logit bias, repetition penalty, its grammar mask, and for a
-    sampled row, last, the registration with the shared seeded sampler."""
+    sampled row, min-p and top-k (per-row filters that do not batch)."""
     import mlx.core as mx
-    from mlx_lm.sample_utils import make_repetition_penalty
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, make_repetition_penalty
 
     params = task.params
     processors: list[Callable] = []
@@ -520,8 +537,10 @@ def _processors(task: Task, masks: Any, sampler: _SeededSampler) -> list[Callabl
         processors.append(make_repetition_penalty(params.repetition_penalty, context_size=20))
     if params.constraint is not None:
         processors.append(_constraint_processor(params.constraint, masks))
-    if params.temperature > 0:
-        processors.append(sampler.processor(task))
+    if params.temperature > 0 and params.min_p > 0.0:
+        processors.append(lambda tokens, logits: apply_min_p(logits, params.min_p))
+    if params.temperature > 0 and params.top_k > 0:
+        processors.append(lambda tokens, logits: apply_top_k(logits, params.top_k))
     return processors
 
 
