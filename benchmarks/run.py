@@ -64,7 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "only and extrapolate (default 16 on CPU, all on GPU; 0 = all)",
     )
     p.add_argument("--hf-batch-sizes", default="64,256", help="transformers batch sizes")
-    p.add_argument("--warmup-rows", type=int, help="rows in each warm-up run (8; --quick: 2)")
+    p.add_argument(
+        "--warmup-rows",
+        type=int,
+        help="rows in each batched contender's warm-up run (default: all on GPU, where MLX "
+        "compiles kernels for each new batch shape; 8 on CPU; --quick: 2)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup_rows = args.warmup_rows or 2
         args.loop_limit = 8 if args.loop_limit is None else args.loop_limit
         workloads = ["mixed", "labelling"] if args.workload is None else workloads
-    args.warmup_rows = args.warmup_rows or 8
+    # A warm-up over every row shows each batched contender all of its batch shapes once.
+    args.warmup_rows = args.warmup_rows or (1 << 30 if device == "gpu" else 8)
     shape = args.model_shape or ("qwen05b" if device == "gpu" else "tiny")
     model = args.model or str(model_dir(shape))
     counter = _token_counter(model)
