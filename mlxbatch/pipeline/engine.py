@@ -10,10 +10,12 @@ decided by the caller (pipeline/plan.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +28,8 @@ from mlxbatch.records import PrefixGroup, Result, Task
 PREFILL_STEP = 2048
 # Test hook: any decode step with more rows than this fails as if out of memory.
 INJECT_OOM_ENV = "MLXBATCH_INJECT_OOM_ROWS"
+# "grouped" or "mlx": decode attention of padded batches (default: grouped on CUDA only).
+DECODE_ATTENTION_ENV = "MLXBATCH_DECODE_ATTENTION"
 
 
 class ModelLoadError(RuntimeError):
@@ -170,7 +174,8 @@ class Engine:
             run = None
             try:
                 run = _BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
-                return run.drive(should_stop)
+                with _decode_attention(self.model):
+                    return run.drive(should_stop)
             except (RuntimeError, MemoryError, ValueError) as e:
                 mx.clear_cache()
                 done = run.done if run else set()
@@ -559,6 +564,69 @@ def _constraint_processor(constraint: dict, masks: Any) -> Callable:
         return mx.where(allowed, logits, mx.array(-float("inf"), logits.dtype))
 
     return process
+
+
+@contextlib.contextmanager
+def _decode_attention(model: Any) -> Any:
+    """Route the model's attention through `_grouped_decode_attention` while generating.
+
+    mlx-lm model modules call `scaled_dot_product_attention` by module-global name, so it is
+    swapped there, and put back afterwards. On by default on CUDA only, where it was measured.
+    """
+    import mlx.core as mx
+    from mlx_lm.models import base
+
+    choice = os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if mx.cuda.is_available() else "")
+    original = base.scaled_dot_product_attention
+    modules: set[Any] = {sys.modules[type(m).__module__] for m in model.modules()}
+    swapped = [m for m in modules if getattr(m, "scaled_dot_product_attention", None) is original]
+    if choice == "grouped":
+        for module in swapped:
+            module.scaled_dot_product_attention = _grouped_decode_attention
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.scaled_dot_product_attention = original
+
+
+def _grouped_decode_attention(
+    queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any, sinks: Any = None
+) -> Any:
+    """Attention of one decode step in a left-padded batch, as two grouped matmuls.
+
+    The padding needs an array mask, and with one MLX's CUDA backend leaves its fused decode
+    kernel for a generic path: 36 ms per step vs 12 ms this way (H100, 512 rows, 24 layers).
+    The query heads sharing a KV head become the rows of one matmul, so keys and values are
+    read once, never repeated per head. Anything else goes to mlx-lm's own attention.
+    """
+    import mlx.core as mx
+    from mlx_lm.models import base
+
+    b, heads, n, dim = queries.shape
+    kv_heads = keys.shape[1]
+    grouped = (
+        n == 1
+        and sinks is None
+        and isinstance(mask, mx.array)
+        and mask.ndim == 4
+        and mask.shape[1] == mask.shape[2] == 1
+        and heads % kv_heads == 0
+        and not hasattr(cache, "bits")  # quantized caches have their own attention
+    )
+    if not grouped:
+        return base.scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks
+        )
+    q = (queries * scale).reshape(b, kv_heads, heads // kv_heads, dim)
+    scores = (q @ keys.swapaxes(-1, -2)).astype(mx.float32)
+    row_mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    if row_mask.dtype == mx.bool_:
+        scores = mx.where(row_mask, scores, mx.array(-mx.inf, mx.float32))
+    else:
+        scores = scores + row_mask.astype(mx.float32)
+    weights = mx.softmax(scores, axis=-1).astype(values.dtype)
+    return (weights @ values).reshape(b, heads, 1, values.shape[-1])
 
 
 def _injected_oom_limit() -> int | None:
