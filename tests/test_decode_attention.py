@@ -23,7 +23,7 @@ def _inputs(batch: int, heads: int, kv_heads: int, length: int, n: int = 1):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (2, 2)])
 @pytest.mark.parametrize("additive", [False, True])
-def test_grouped_attention_matches_mlx(heads, kv_heads, additive):
+def test_grouped_decode_attention_matches_mlx(heads, kv_heads, additive):
     q, k, v, mask = _inputs(6, heads, kv_heads, 11)
     if additive:
         mask = mx.where(mask, 0.0, -1e9)
@@ -33,15 +33,24 @@ def test_grouped_attention_matches_mlx(heads, kv_heads, additive):
     assert mx.allclose(ours, theirs, atol=1e-5).item()
 
 
-def test_other_shapes_go_to_mlx_lm_attention():
-    q, k, v, mask = _inputs(3, 4, 2, 9, n=2)  # a prefill chunk, not a decode step
-    mask = mx.broadcast_to(mask, (3, 1, 2, 9))
+def test_grouped_decode_attention_of_a_prefill_chunk_matches_mlx():
+    q, k, v, mask = _inputs(3, 4, 2, 9, n=5)
+    causal = mx.arange(9)[None, :] <= mx.arange(4, 9)[:, None]
+    mask = mask & causal[None, None]  # left padding and causal, [3, 1, 5, 9]
     ours = _grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
     theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    assert mx.array_equal(ours, theirs).item()
+    assert mx.allclose(ours, theirs, atol=1e-5).item()
 
 
-def test_run_with_grouped_attention_gives_the_same_text(tmp_path, tiny_model, monkeypatch):
+def test_other_masks_go_to_mlx_lm_attention():
+    q, k, v, _ = _inputs(3, 4, 2, 9, n=5)
+    for mask in (None, "causal"):
+        ours = _grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+        assert mx.array_equal(ours, theirs).item()
+
+
+def test_run_with_grouped_decode_attention_gives_the_same_text(tmp_path, tiny_model, monkeypatch):
     decode_steps = []
 
     def counted(queries, keys, values, cache, scale, mask, sinks=None):
