@@ -109,7 +109,11 @@ def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str
     for row in rows:
         texts.setdefault(row.get("id"), row.get("output") or "")
     failed = sum(1 for r in rows if r.get("error"))
-    note = "wall includes model load, input checks, store, export"
+    overhead = summary.store_seconds + summary.export_seconds
+    note = (
+        "wall includes model load, input checks, store, export "
+        f"(store + export {100 * overhead / wall:.1f}% of wall)"
+    )
     if failed:
         note += f"; {failed} rows FAILED"
     return Measurement(
@@ -118,7 +122,10 @@ def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str
         wall=wall, peak_memory=peak, memory_kind="mlx", warmup_wall=warm_wall, note=note,
         extra={"summary_wall": summary.wall, "summary_status": summary.status,
                "summary_peak_memory": summary.peak_memory, "output_rows": len(rows),
-               "failed": failed, "store_bytes": store_bytes, "spec_extra": extra_fields},
+               "failed": failed, "store_bytes": store_bytes, "spec_extra": extra_fields,
+               "store_seconds": summary.store_seconds,
+               "export_seconds": summary.export_seconds,
+               "first_generation_after": summary.first_generation_after},
         texts=texts,
     )  # fmt: skip
 

@@ -16,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class RunSummary:
     # Seconds from the start of the run (input check, model load, finding what is done) until
     # generation began; None when there was nothing to generate.
     first_generation_after: float | None = None
+    # Time writing the store (results, manifest) and publishing outputs: overhead on generation.
+    store_seconds: float = 0.0
+    export_seconds: float = 0.0
     peak_memory: int = 0
     output: str = ""
     errors: list[str] = field(default_factory=list)
@@ -89,6 +93,15 @@ class RunSummary:
     def generate_seconds_so_far(self) -> float:
         started = self._generate_started
         return self.generate_seconds + (time.perf_counter() - started if started else 0.0)
+
+    @contextlib.contextmanager
+    def timing(self, counter: str) -> Iterator[None]:
+        """Add the time the block takes to the `counter` field."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - started)
 
     @property
     def tokens_per_second(self) -> float:
@@ -130,7 +143,8 @@ class _Committer:
 
     def flush(self) -> None:
         if self.buffer:
-            self.store.put_results(self.buffer)
+            with self.summary.timing("store_seconds"):
+                self.store.put_results(self.buffer)
             self.buffer = []
             self.checkpoint()
 
@@ -191,7 +205,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
 
     def checkpoint() -> None:
         if time.monotonic() - last_export[0] >= spec.checkpoint_every:
-            export_outputs(store, spec, check.kind)
+            with summary.timing("export_seconds"):
+                export_outputs(store, spec, check.kind)
             last_export[0] = time.monotonic()
 
     previous = {
@@ -204,7 +219,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     generate = pool.generate_window if pool is not None else generate_window
     try:
         for tasks in task_windows(spec, check.kind, engine, store):
-            store.add_manifest(tasks)
+            with summary.timing("store_seconds"):
+                store.add_manifest(tasks)
             todo = _pending(tasks, store, committer, summary, engine.context_length)
             if todo:
                 if summary.first_generation_after is None:
@@ -235,7 +251,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             known, run_id=run_id, status=summary.status, stats=stats, counts=store.counts()
         )
         store.end_run(run_id, summary.status, stats, prov)
-        export_outputs(store, spec, check.kind)
+        with summary.timing("export_seconds"):
+            export_outputs(store, spec, check.kind)
         provenance.write_manifest(provenance.manifest_path(spec.output_path), prov)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -303,6 +320,8 @@ def _stats(summary: RunSummary) -> dict:
             "wall",
             "generate_seconds",
             "first_generation_after",
+            "store_seconds",
+            "export_seconds",
             "peak_memory",
         )
     } | {"tokens_per_second": summary.tokens_per_second}
