@@ -91,11 +91,13 @@ class Task:
     line: int
     id: Any
     sample_index: int
-    prompt_ids: list[int]  # empty for a task already done whose rendering was skipped
+    prompt_ids: list[int]  # empty when `done`: the prompt was not rendered again
     params: GenParams
     custom_id: str | None = None
     url: str | None = None
     error: tuple[str, str] | None = None
+    done: bool = False  # known, before rendering, to have a stored result
+    digest: bytes | None = None  # its request's digest (pipeline/render.request_digest)
 
 
 @dataclass

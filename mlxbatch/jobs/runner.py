@@ -29,7 +29,7 @@ from mlxbatch.jobs.power import keep_awake
 from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
-from mlxbatch.jobs.windows import task_windows
+from mlxbatch.jobs.windows import completed_renders, task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import OPENAI, Result
@@ -236,6 +236,8 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 )
                 summary.stop_generating()
             committer.flush()
+            with summary.timing("store_seconds"):
+                store.put_rendered(completed_renders(tasks, store))
             if stopping or late:
                 break
         if stopping:
@@ -277,10 +279,10 @@ def _pending(
     context_length: int | None,
 ) -> list:
     """Tasks still to generate; pre-generation failures are recorded as error results."""
-    done = store.done_keys(t.key for t in tasks)
+    done = store.done_keys(t.key for t in tasks if not t.done)
     todo, seen = [], set()
     for task in tasks:
-        if task.key in done or task.key in seen:
+        if task.done or task.key in done or task.key in seen:
             summary.cached += 1
             committer.progress.update(1)
             continue

@@ -3,8 +3,9 @@
 - `results`: key -> generated text (or error), written one transaction per finished batch.
 - `manifest`: the current input's tasks in output order (seq -> id, sample, key); export
   joins it with `results`, so outputs can be rebuilt at any time, even during a run.
-- `rendered`: a request's digest (pipeline/render.request_digest) -> its task keys, so a
-  resumed or nightly run finds the keys of rows already done without rendering them again.
+- `rendered`: a request's digest (pipeline/render.request_digest) -> its task keys, written
+  once all of them have results, so a resumed or nightly run skips rows already done without
+  rendering them again.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 The store runs in WAL mode with synchronous=FULL (and fullfsync on macOS). One process at a
@@ -263,12 +264,17 @@ class Store:
         query = "SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({})"
         return {row[0] for row in self._select_in(query, list(keys))}
 
-    def _select_in(self, query: str, values: list) -> Iterator[tuple]:
+    def _select_in(self, query: str, values: list) -> list[tuple]:
         """Rows of `query` whose IN ({}) list is `values`, in chunks under SQLite's limit."""
+        # 999 bound parameters before SQLite 3.32, 32,766 since.
+        step = 32_000 if sqlite3.sqlite_version_info >= (3, 32) else 900
+        rows: list[tuple] = []
         with self._sqlite_errors():
-            for i in range(0, len(values), 900):
-                chunk = values[i : i + 900]
-                yield from self.db.execute(query.format(",".join("?" * len(chunk))), chunk)
+            for i in range(0, len(values), step):
+                chunk = values[i : i + step]
+                marks = ",".join("?" * len(chunk))
+                rows += self.db.execute(query.format(marks), chunk).fetchall()
+        return rows
 
     def put_results(self, results: list[Result]) -> None:
         """Write a finished batch in one transaction."""
@@ -293,7 +299,7 @@ class Store:
             FAULTS.point("in_commit")
 
     def rendered_keys(self, digests: list[bytes]) -> dict[bytes, list[str]]:
-        """The task keys recorded for each of `digests` that has been rendered before."""
+        """The task keys recorded for each of `digests` whose tasks are all done."""
         query = "SELECT digest, keys FROM rendered WHERE digest IN ({})"
         return {d: keys.split(",") for d, keys in self._select_in(query, digests)}
 

@@ -1,10 +1,10 @@
 """The input as keyed Tasks, a window of rows at a time, in output order.
 
 Each window of validated requests is rendered to tasks (pipeline/render.py). With a store,
-rows whose task keys an earlier run recorded, and whose results are all stored, are not
-rendered or tokenized again: a resumed or nightly run over a large file then spends its
-time before generating on reading the file, not on re-rendering what is done. It does not
-decide what to generate (runner.py does) and loads no model.
+requests recorded there as done (`completed_renders`, after their window is generated) are
+not rendered or tokenized again, and one lookup per row tells: a resumed or nightly run over
+a large file then spends its time before generating on reading the file, not on re-rendering
+what is done. It does not decide what to generate (runner.py does) and loads no model.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def task_windows(
         known: dict[int, list[str]] = {}
         if store is not None:
             digests = [request_digest(r, identity) if r.error is None else None for r in window]
-            known = _done_renders(store, digests)
-        tasks = render_tasks(window, engine.tokenizer, first_seq=seq, known_keys=known, **options)
-        if store is not None:
-            store.put_rendered(_new_renders(window, digests, known, tasks))
+            recorded = store.rendered_keys([d for d in digests if d is not None])
+            known = {i: recorded[d] for i, d in enumerate(digests) if d in recorded}
+        tasks = render_tasks(
+            window, engine.tokenizer, first_seq=seq, known_keys=known, digests=digests, **options
+        )
         seq += len(tasks)
         yield tasks
 
@@ -50,29 +51,15 @@ def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
         yield window
 
 
-def _done_renders(store: Store, digests: list[bytes | None]) -> dict[int, list[str]]:
-    """Request index -> task keys, for requests rendered before whose results are all stored."""
-    recorded = store.rendered_keys([d for d in digests if d is not None])
-    done = store.done_keys(k for keys in recorded.values() for k in keys)
-    return {
-        i: recorded[d]
-        for i, d in enumerate(digests)
-        if d in recorded and all(k in done for k in recorded[d])
-    }
+def completed_renders(tasks: list[Task], store: Store) -> list[tuple[bytes, list[str]]]:
+    """(digest, task keys) of the requests rendered in this window that are now all done.
 
-
-def _new_renders(
-    window: list[Request],
-    digests: list[bytes | None],
-    known: dict[int, list[str]],
-    tasks: list[Task],
-) -> list[tuple[bytes, list[str]]]:
-    """(digest, task keys) of each request rendered just now without an error."""
-    pairs = []
-    start = 0
-    for i, (request, digest) in enumerate(zip(window, digests, strict=True)):
-        mine = tasks[start : start + request.params.n]
-        start += request.params.n
-        if digest is not None and i not in known and all(t.error is None for t in mine):
-            pairs.append((digest, [t.key for t in mine]))
-    return pairs
+    Only these go into the store's `rendered` table, so a request found there needs nothing.
+    """
+    samples: dict[bytes, dict[int, str]] = {}
+    for t in tasks:
+        if t.digest is not None and not t.done and t.error is None:
+            samples.setdefault(t.digest, {})[t.sample_index] = t.key
+    keys = {d: [by_index[i] for i in range(len(by_index))] for d, by_index in samples.items()}
+    done = store.done_keys(k for ks in keys.values() for k in ks)
+    return [(d, ks) for d, ks in keys.items() if done.issuperset(ks)]

@@ -10,6 +10,7 @@ module does not check what a row contains (see validate.py).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -111,6 +112,12 @@ def _unpaired_surrogate(data: Any) -> str | None:
     return None
 
 
+@functools.cache
+def _decoder() -> json.JSONDecoder:
+    # One decoder for every line: json.loads with options builds a new one per call.
+    return json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_line(number: int, raw: bytes) -> SourceRow:
     nul = raw.find(b"\x00")
     if nul >= 0:
@@ -120,7 +127,7 @@ def _parse_line(number: int, raw: bytes) -> SourceRow:
     except UnicodeDecodeError as e:
         return SourceRow(number, error=f"invalid UTF-8 at byte {e.start + 1}")
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = _decoder().decode(text)
     except json.JSONDecodeError as e:
         msg = e.msg.removesuffix(" at")  # "Unterminated string starting at"
         return SourceRow(number, error=f"malformed JSON: {msg} at column {e.colno}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
@@ -209,13 +210,14 @@ def request_digest(request: Request, identity: bytes) -> bytes:
     """A digest of what a request's task keys are computed from, under `render_identity`.
 
     Equal digests mean equal keys, so a run can find a row's keys without rendering it again.
+    (Pickle is fast; equal requests that pickle differently only miss the cache.)
     """
-    content = repr(
+    content = pickle.dumps(
         (request.kind, request.prompt, request.messages, request.prompt_ids, request.fields,
-         request.params)
+         vars(request.params)),
+        protocol=5,
     )  # fmt: skip
-    material = identity + content.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(material, digest_size=16).digest()
+    return hashlib.blake2b(content, digest_size=16, key=identity).digest()
 
 
 def render_tasks(
@@ -228,11 +230,13 @@ def render_tasks(
     use_chat_template: bool,
     first_seq: int = 0,
     known_keys: dict[int, list[str]] | None = None,
+    digests: list[bytes | None] | None = None,
 ) -> list[Task]:
     """One Task per request and sample, numbered from `first_seq` in output order.
 
     `known_keys` maps a request's index to its tasks' keys, found earlier and already done:
-    such a request is not rendered again, and its tasks carry no prompt ids.
+    such a request is not rendered again, and its tasks carry no prompt ids. `digests`, the
+    requests' digests, are passed on to their tasks.
     """
     requests = list(requests)
     known = known_keys or {}
@@ -264,9 +268,10 @@ def render_tasks(
     tasks: list[Task] = []
     seq = first_seq
     for i, (request, error, prompt_ids) in enumerate(zip(requests, errors, ids, strict=True)):
+        done = known.get(i)
         for sample in range(request.params.n):
-            if i in known:
-                key = known[i][sample]
+            if done is not None:
+                key = done[sample]
             else:
                 key = task_key(model_identity, prompt_ids, request.params, sample)
             if error is not None:
@@ -284,6 +289,8 @@ def render_tasks(
                     custom_id=request.custom_id,
                     url=request.url,
                     error=error,
+                    done=done is not None,
+                    digest=digests[i] if digests else None,
                 )
             )
             seq += 1

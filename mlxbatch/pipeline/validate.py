@@ -356,9 +356,10 @@ def _row_id(data: dict, line: int, ctx: ValidationContext) -> tuple[Any, str | N
 
 
 def _unknown(keys: Iterable[str], allowed: set[str]) -> tuple[str, str] | None:
-    extra = sorted(k for k in keys if k not in allowed)
+    extra = [k for k in keys if k not in allowed]
     if not extra:
         return None
+    extra.sort()
     return ("unsupported_parameter", f"unsupported parameter(s): {', '.join(extra)}")
 
 
