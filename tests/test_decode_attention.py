@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlxbatch.pipeline import engine
-from mlxbatch.pipeline.engine import _grouped_decode_attention
+from mlxbatch.pipeline.engine import attention
+from mlxbatch.pipeline.engine.attention import grouped_decode_attention
 from tests.conftest import read_jsonl, write_jsonl
 from tests.test_cli_process import process, prompts
 
@@ -27,25 +27,18 @@ def test_grouped_decode_attention_matches_mlx(heads, kv_heads, additive):
     q, k, v, mask = _inputs(6, heads, kv_heads, 11)
     if additive:
         mask = mx.where(mask, 0.0, -1e9)
-    ours = _grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
+    ours = grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
     theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert ours.shape == theirs.shape
     assert mx.allclose(ours, theirs, atol=1e-5).item()
 
 
-def test_grouped_decode_attention_of_a_prefill_chunk_matches_mlx():
+def test_prefill_chunks_and_other_masks_go_to_mlx_lm_attention():
     q, k, v, mask = _inputs(3, 4, 2, 9, n=5)
     causal = mx.arange(9)[None, :] <= mx.arange(4, 9)[:, None]
-    mask = mask & causal[None, None]  # left padding and causal, [3, 1, 5, 9]
-    ours = _grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
-    theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    assert mx.allclose(ours, theirs, atol=1e-5).item()
-
-
-def test_other_masks_go_to_mlx_lm_attention():
-    q, k, v, _ = _inputs(3, 4, 2, 9, n=5)
-    for mask in (None, "causal"):
-        ours = _grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
+    padded = mask & causal[None, None]  # a prefill chunk of a left-padded batch, [3, 1, 5, 9]
+    for mask in (padded, None, "causal"):
+        ours = grouped_decode_attention(q, k, v, cache=None, scale=0.25, mask=mask)
         theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
         assert mx.array_equal(ours, theirs).item()
 
@@ -56,9 +49,9 @@ def test_run_with_grouped_decode_attention_gives_the_same_text(tmp_path, tiny_mo
     def counted(queries, keys, values, cache, scale, mask, sinks=None):
         if queries.shape[2] == 1 and isinstance(mask, mx.array):
             decode_steps.append(queries.shape[0])
-        return _grouped_decode_attention(queries, keys, values, cache, scale, mask, sinks)
+        return grouped_decode_attention(queries, keys, values, cache, scale, mask, sinks)
 
-    monkeypatch.setattr(engine, "_grouped_decode_attention", counted)
+    monkeypatch.setattr(attention, "grouped_decode_attention", counted)
     f = write_jsonl(tmp_path / "p.jsonl", prompts(12))
     texts = {}
     for choice in ("mlx", "grouped"):

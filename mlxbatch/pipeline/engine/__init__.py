@@ -1,0 +1,33 @@
+"""The only code that touches MLX: load a model, then generate Tasks with mlx-lm's BatchGenerator.
+
+mlx and mlx_lm are imported inside functions, so `--help`, `validate` and `status` never pay
+for them. Decoding is mlx-lm's continuous batching; this package adds what a batch job needs
+around it: per-row seeded samplers whose draws do not depend on batch composition, stop
+strings, and recovery from a failing step (out of memory) by halving the batch down to single
+rows, where a row that still fails becomes an error record. Ordering and batch sizing are
+decided by the caller (pipeline/plan.py).
+
+- model.py      Engine: load, dtype, memory budget, generate, score choices, prefix prefill
+- batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
+- sampling.py   batch-invariant seeded sampling and per-row logits processors
+- attention.py  grouped decode attention for padded batches on CUDA
+- errors.py     load errors and error records
+- runtime.py    what `mlxbatch doctor` reports
+"""
+
+from mlxbatch.pipeline.engine.attention import DECODE_ATTENTION_ENV
+from mlxbatch.pipeline.engine.batch import INJECT_OOM_ENV
+from mlxbatch.pipeline.engine.errors import ModelLoadError, UnsupportedMlxLm
+from mlxbatch.pipeline.engine.model import PREFILL_STEP, Engine, EngineStats
+from mlxbatch.pipeline.engine.runtime import describe_runtime
+
+__all__ = [
+    "DECODE_ATTENTION_ENV",
+    "INJECT_OOM_ENV",
+    "PREFILL_STEP",
+    "Engine",
+    "EngineStats",
+    "ModelLoadError",
+    "UnsupportedMlxLm",
+    "describe_runtime",
+]

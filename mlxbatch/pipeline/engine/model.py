@@ -1,0 +1,300 @@
+"""Engine: a loaded model and tokenizer; generates and scores Tasks.
+
+Loading (dtype, in-memory quantization, the model's identity for result keys), the memory
+budget that batch sizes come from, prefix prefill, scoring of choices, and `generate`, which
+runs BatchRuns and halves the batch on a failing step. Decoding itself is in batch.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxbatch.pipeline.engine.attention import decode_attention
+from mlxbatch.pipeline.engine.batch import BatchRun
+from mlxbatch.pipeline.engine.errors import ModelLoadError, error_result, is_oom
+from mlxbatch.records import PrefixGroup, Result, Task
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefix_tokens: int = 0  # prompt tokens prefilled once for a whole prefix group
+    peak_memory: int = 0
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class Engine:
+    """A loaded model and tokenizer, ready to generate batches of Tasks."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        adapter_path: str | None = None,
+        dtype: str = "auto",
+        quantize: int | None = None,
+        trust_remote_code: bool = False,
+    ):
+        import mlx.core as mx
+        from mlx_lm.utils import load
+
+        self.model_name = model
+        try:
+            self.model, self.tokenizer, self.config = load(
+                model,
+                adapter_path=adapter_path,
+                return_config=True,
+                tokenizer_config={"trust_remote_code": trust_remote_code},
+                trust_remote_code=trust_remote_code,
+            )
+        except Exception as e:  # hub, file-system and format errors all surface here
+            raise ModelLoadError(_load_hint(model, e)) from None
+        self.dtype = self._apply_dtype(dtype, mx)
+        if quantize:
+            self._quantize(quantize)
+        self.identity = _model_identity(model, adapter_path, self.dtype, self.config)
+        self.eos_ids = sorted(self.tokenizer.eos_token_ids)
+        self.stats = EngineStats()
+
+    def _apply_dtype(self, dtype: str, mx: Any) -> str:
+        from mlx.utils import tree_flatten
+
+        if dtype == "auto" and mx.default_device() == mx.cpu:
+            dtype = "float32"  # bfloat16/float16 matmul is many times slower than float32 on CPU
+        if dtype != "auto":
+            self.model.set_dtype(getattr(mx, dtype))
+        params = tree_flatten(self.model.parameters())
+        floats = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
+        return _dtype_name(floats[0]) if floats else "unknown"
+
+    def _quantize(self, bits: int) -> None:
+        from mlx_lm.utils import quantize_model
+
+        if "quantization" in self.config:
+            raise ModelLoadError(f"{self.model_name} is already quantized; drop --quantize")
+        # In memory only: the original weights on disk stay as they are.
+        self.model, self.config = quantize_model(self.model, self.config, 64, bits)
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.config.get("max_position_embeddings")
+        return int(value) if value else None
+
+    @property
+    def prefill_tokens_per_step(self) -> int:
+        """Prompt tokens to prefill together. On CPU, batching long prompts was measured
+        slower than one at a time, while short suffixes after a shared prefix gain from it."""
+        import mlx.core as mx
+
+        if mx.default_device() == mx.cpu:
+            return 512
+        # On GPU, 32k tokens a step was best on an H100 (prefill 64 x ~600 tokens); activations
+        # take roughly 64 bytes per hidden unit per token, so a small memory budget lowers it.
+        per_token = 64 * int(self.config.get("hidden_size", 4096))
+        return max(2048, min(32768, self.memory_budget() // per_token))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        layers = c.get("num_hidden_layers", 24)
+        heads = c.get("num_attention_heads", 16)
+        kv_heads = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or c.get("hidden_size", 1024) // heads
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * layers * kv_heads * head_dim * itemsize
+
+    @functools.cached_property
+    def _weights_bytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def memory_budget(self) -> int:
+        """Bytes the KV caches may use: a share of device memory left after the weights."""
+        import mlx.core as mx
+
+        info = mx.device_info()
+        total = (
+            info.get("max_recommended_working_set_size")
+            or info.get("memory_size")
+            or info.get("total_memory")
+            or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        )
+        return max(64 << 20, int(0.6 * int(total)) - self._weights_bytes)
+
+    def generate(
+        self,
+        groups: list[PrefixGroup],
+        *,
+        completion_batch_size: int,
+        prefill_batch_size: int,
+        on_result: Callable[[Result], None],
+        should_stop: Callable[[], bool] = lambda: False,
+        masks: Any = None,
+    ) -> bool:
+        """Generate every task, calling `on_result` as each finishes, in finishing order.
+
+        `masks` (pipeline/constrain.TokenMasks) turns a task's constraint into a per-step
+        allowed-token mask; it is required when any task is constrained.
+
+        Each group's shared prefix is prefilled once and its KV cache handed to every row of
+        the group (mlx-lm merges caches without changing them, so no per-row copy is made).
+        A failing step halves the batch and retries the unfinished tasks; at one row, the
+        row in flight becomes an error record. Returns False if `should_stop` cut it short.
+        """
+        import mlx.core as mx
+
+        size = completion_batch_size
+        while groups := [g for g in groups if g.tasks]:
+            run = None
+            try:
+                run = BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
+                with decode_attention(self.model):
+                    return run.drive(should_stop)
+            except (RuntimeError, MemoryError, ValueError) as e:
+                mx.clear_cache()
+                done = run.done if run else set()
+                groups = [
+                    PrefixGroup(g.prefix, [t for t in g.tasks if t.key not in done]) for g in groups
+                ]
+                if size > 1:
+                    size = max(1, size // 2)
+                    continue
+                # One row at a time runs in insertion order: the first unfinished row failed.
+                first = next(g for g in groups if g.tasks)
+                on_result(
+                    error_result(
+                        first.tasks.pop(0),
+                        "out_of_memory" if is_oom(e) else "generation_error",
+                        str(e),
+                    )
+                )
+            finally:
+                if run is not None:
+                    run.close()
+                self.stats.peak_memory = max(self.stats.peak_memory, mx.get_peak_memory())
+        return True
+
+    def score_choices(
+        self,
+        groups: list[PrefixGroup],
+        on_scores: Callable[[Task, list[float], list[int]], None],
+        on_error: Callable[[Result], None],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Log-probability of each of a task's choices (then end of text) after its prompt.
+
+        `on_scores(task, logprobs, choice_lengths)` is called per task (`on_error` with an
+        error record for a task that fails, e.g. out of memory). The prompt is
+        prefilled once per task (once per group for a shared prefix) and all choices are
+        scored in one batched forward pass. Returns False if `should_stop` cut it short.
+        """
+        import mlx.core as mx
+
+        eos = self.eos_ids[0] if self.eos_ids else None
+        for group in groups:
+            prefix = self.prefill_prefix(group.prefix) if group.prefix else None
+            for task in group.tasks:
+                if should_stop():
+                    return False
+                choices = (task.params.constraint or {})["choices"]
+                seqs = [list(self.tokenizer.encode(c, add_special_tokens=False)) for c in choices]
+                ends = [seq + ([eos] if eos is not None else []) for seq in seqs]
+                try:
+                    scores = self._score(task.prompt_ids, group.prefix, prefix, ends)
+                except (RuntimeError, MemoryError, ValueError) as e:
+                    mx.clear_cache()
+                    code = "out_of_memory" if is_oom(e) else "generation_error"
+                    on_error(error_result(task, code, str(e)))
+                    continue
+                self.stats.prompt_tokens += len(task.prompt_ids)
+                on_scores(task, scores, [len(s) for s in seqs])
+        return True
+
+    def _score(
+        self, prompt: list[int], prefix: list[int], prefix_cache: Any, seqs: list[list[int]]
+    ) -> list[float]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        if not all(type(c) is KVCache for c in cache):
+            raise ValueError("choices need a model with a plain KV cache")
+        start = 0
+        if prefix_cache is not None:
+            for c, p in zip(cache, prefix_cache, strict=True):
+                c.state = (p.keys[..., : p.offset, :], p.values[..., : p.offset, :], p.offset)
+            start = len(prefix)
+        rest = mx.array(prompt[start:-1])[None]
+        for i in range(0, rest.shape[1], PREFILL_STEP):
+            self.model(rest[:, i : i + PREFILL_STEP], cache=cache)
+        # One row per choice: the prompt's last token, then the choice's tokens.
+        width = max(len(s) for s in seqs)
+        rows = [[prompt[-1], *s] + [0] * (width - len(s)) for s in seqs]
+        batch = []
+        for c in cache:
+            keys, values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            expanded = KVCache()
+            if c.offset:
+                expanded.state = (
+                    mx.repeat(keys, len(seqs), axis=0),
+                    mx.repeat(values, len(seqs), axis=0),
+                    c.offset,
+                )
+            batch.append(expanded)
+        logits = self.model(mx.array(rows), cache=batch).astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = mx.array([s + [0] * (width - len(s)) for s in seqs])[..., None]
+        picked = mx.take_along_axis(logprobs[:, :width, :], targets, axis=-1)[..., 0]
+        valid = mx.array([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs])
+        scores: list[float] = (picked * valid).sum(axis=1).tolist()  # type: ignore[assignment]
+        return scores
+
+    def prefill_prefix(self, prefix: list[int]) -> list[Any]:
+        """A KV cache holding `prefix`, computed once for every row that starts with it."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        ids = mx.array(prefix)[None]
+        for start in range(0, len(prefix), PREFILL_STEP):
+            self.model(ids[:, start : start + PREFILL_STEP], cache=cache)
+            mx.eval([c.state for c in cache])
+        self.stats.prefix_tokens += len(prefix)
+        return cache
+
+
+def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:
+    """Model name, config, weight files and adapter: what makes outputs of this model."""
+    parts: list[Any] = [model, dtype, json.dumps(config, sort_keys=True, default=str)]
+    path = Path(model)
+    if path.is_dir():
+        parts += sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+    if adapter:
+        for p in sorted(Path(adapter).glob("*")):
+            if p.is_file():
+                parts.append((p.name, hashlib.sha256(p.read_bytes()).hexdigest()))
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _load_hint(model: str, e: Exception) -> str:
+    name = type(e).__name__
+    if not Path(model).exists() and ("/" in model):
+        return (
+            f"could not load model {model!r} ({name}: {e}). If this machine is offline, "
+            "download it first or pass a local model directory to --model."
+        )
+    return f"could not load model {model!r} ({name}: {e})"
