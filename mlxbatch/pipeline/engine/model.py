@@ -18,7 +18,12 @@ from typing import Any
 
 from mlxbatch.pipeline.engine.attention import decode_attention
 from mlxbatch.pipeline.engine.batch import BatchRun
-from mlxbatch.pipeline.engine.errors import ModelLoadError, error_result, is_oom
+from mlxbatch.pipeline.engine.errors import (
+    ModelLoadError,
+    UnsupportedMlxLm,
+    error_result,
+    is_oom,
+)
 from mlxbatch.records import PrefixGroup, Result, Task
 
 PREFILL_STEP = 2048
@@ -164,6 +169,8 @@ class Engine:
                 run = BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
                 with decode_attention(self.model):
                     return run.drive(should_stop)
+            except UnsupportedMlxLm:
+                raise  # not a failing step: retrying smaller batches would not help
             except (RuntimeError, MemoryError, ValueError) as e:
                 mx.clear_cache()
                 done = run.done if run else set()

@@ -44,7 +44,6 @@ def calling_batch_uids(rows: int) -> list[int]:
     mlx-lm hands a sampler only the batch's logprobs. The alternative, a logits processor per
     row that announces the row, makes mlx-lm slice the batch row by row every step.
     """
-
     caller = sys._getframe(2).f_locals.get("self")  # 0: here, 1: the sampler, 2: its caller
     uids = getattr(caller, "uids", None)
     if not isinstance(uids, list) or len(uids) != rows:
