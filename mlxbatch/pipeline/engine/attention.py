@@ -24,7 +24,9 @@ def decode_attention(model: Any) -> Any:
     import mlx.core as mx
     from mlx_lm.models import base
 
-    choice = os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if mx.cuda.is_available() else "")
+    cuda = getattr(mx, "cuda", None)  # every current MLX build has it; older ones may not
+    on_cuda = cuda is not None and cuda.is_available()
+    choice = os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if on_cuda else "")
     original = base.scaled_dot_product_attention
     modules: set[Any] = {sys.modules[type(m).__module__] for m in model.modules()}
     swapped = [m for m in modules if getattr(m, "scaled_dot_product_attention", None) is original]
