@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.request import pathname2url
 
 from mlxbatch.jobs.deadline import Deadline, duration
 from mlxbatch.jobs.inputs import check_inputs, check_output_path
 from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.jobs.store import Store, StoreError
 from mlxbatch.records import Result, Task
 
 CALIBRATION_ROWS = 8
@@ -62,30 +60,16 @@ class DryRun:
 
 def _done_keys(path: str, keys: list[str]) -> set[str] | None:
     """Keys with a stored result, read without writing to the store; None if unreadable."""
-    if not os.path.exists(path):
-        return None
-    # A store closed cleanly has no WAL: read it as immutable, which creates no -shm / -wal
-    # files. One with a WAL (a run going on, or killed) is read through it, read-only.
-    mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
     try:
-        db = sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?{mode}", uri=True)
-    except sqlite3.Error:
+        store = Store(path, read_only=True)
+    except StoreError:
         return None
-    found: set[str] = set()
     try:
-        for i in range(0, len(keys), 900):
-            chunk = keys[i : i + 900]
-            marks = ",".join("?" * len(chunk))
-            rows = db.execute(
-                f"SELECT key FROM results WHERE finish_reason != 'error' AND key IN ({marks})",
-                chunk,
-            )
-            found.update(r[0] for r in rows)
-    except sqlite3.Error:
+        return store.done_keys(keys)
+    except StoreError:
         return None
     finally:
-        db.close()
-    return found
+        store.close()
 
 
 def dry_run(

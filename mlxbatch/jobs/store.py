@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.request import pathname2url
 
 from mlxbatch.records import Result, Task
 
@@ -158,12 +159,22 @@ class ExportRow:
 
 
 class Store:
-    def __init__(self, path: str, *, create: bool = True):
+    def __init__(self, path: str, *, create: bool = True, read_only: bool = False):
+        """Open (or create) the store; `read_only` opens an existing one without writing to
+        it at all: no schema, no WAL switch, and no -wal / -shm files for a cleanly closed one."""
         self.path = path
         self._lock_fd: int | None = None
-        if not create and not os.path.exists(path):
+        if (read_only or not create) and not os.path.exists(path):
             raise StoreError(f"{path}: no such store")
+        if read_only:
+            # A store closed cleanly has no WAL: read it as immutable. One with a WAL (a run
+            # going on, or killed) is read through it.
+            mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
+            uri = f"file:{pathname2url(os.path.abspath(path))}?{mode}"
         try:
+            if read_only:
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+                return
             self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
         except sqlite3.Error as e:
             raise StoreError(f"{path}: {e}") from None
