@@ -246,8 +246,7 @@ class Engine:
                 c.state = (p.keys[..., : p.offset, :], p.values[..., : p.offset, :], p.offset)
             start = len(prefix)
         rest = mx.array(prompt[start:-1])[None]
-        for i in range(0, rest.shape[1], PREFILL_STEP):
-            self.model(rest[:, i : i + PREFILL_STEP], cache=cache)
+        self._prefill(rest, cache)
         # One row per choice: the prompt's last token, then the choice's tokens.
         width = max(len(s) for s in seqs)
         rows = [[prompt[-1], *s] + [0] * (width - len(s)) for s in seqs]
@@ -276,12 +275,17 @@ class Engine:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
-        ids = mx.array(prefix)[None]
-        for start in range(0, len(prefix), PREFILL_STEP):
-            self.model(ids[:, start : start + PREFILL_STEP], cache=cache)
-            mx.eval([c.state for c in cache])
+        self._prefill(mx.array(prefix)[None], cache)
         self.stats.prefix_tokens += len(prefix)
         return cache
+
+    def _prefill(self, ids: Any, cache: list[Any]) -> None:
+        """Run token ids [1, L] into `cache`, PREFILL_STEP tokens at a time."""
+        import mlx.core as mx
+
+        for start in range(0, ids.shape[1], PREFILL_STEP):
+            self.model(ids[:, start : start + PREFILL_STEP], cache=cache)
+            mx.eval([c.state for c in cache])
 
 
 def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:
