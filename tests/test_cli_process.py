@@ -98,25 +98,11 @@ def test_batch_size_does_not_change_greedy_output(tmp_path, tiny_model):
 
 def test_seeded_sampling_is_batch_invariant_and_n_samples(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "p.jsonl", prompts(5))
+    sampled = [str(f), "-m", tiny_model, "--max-tokens", "8", "--temperature", "1.0", "-n", "3"]
     outs = []
     for size in ("1", "8"):
         o = tmp_path / f"s{size}.jsonl"
-        args = [
-            str(f),
-            "-m",
-            tiny_model,
-            "--max-tokens",
-            "8",
-            "--temperature",
-            "1.0",
-            "-n",
-            "3",
-            "--batch-size",
-            size,
-            "-o",
-            str(o),
-        ]
-        assert process(*args).exit_code == 0
+        assert process(*sampled, "--batch-size", size, "-o", str(o)).exit_code == 0
         outs.append(read_jsonl(o))
     assert outs[0] == outs[1]
     assert [(r["id"], r["sample_index"]) for r in outs[0]][:4] == [
@@ -127,24 +113,7 @@ def test_seeded_sampling_is_batch_invariant_and_n_samples(tmp_path, tiny_model):
     ]
     assert len({r["output"] for r in outs[0][:3]}) == 3
     other_seed = tmp_path / "seed1.jsonl"
-    assert (
-        process(
-            str(f),
-            "-m",
-            tiny_model,
-            "--max-tokens",
-            "8",
-            "--temperature",
-            "1.0",
-            "-n",
-            "3",
-            "--seed",
-            "1",
-            "-o",
-            str(other_seed),
-        ).exit_code
-        == 0
-    )
+    assert process(*sampled, "--seed", "1", "-o", str(other_seed)).exit_code == 0
     assert [r["output"] for r in read_jsonl(other_seed)] != [r["output"] for r in outs[0]]
 
 
