@@ -60,11 +60,14 @@ class BatchRun:
         """Insert whole groups while few rows wait; a group's prefix is prefilled only now."""
         while self.queue and len(self.tasks) < self.ahead:
             group = self.queue.popleft()
-            cache = self.engine.prefill_prefix(group.prefix) if group.prefix else None
+            if group.prefix:
+                caches = [self.engine.prefill_prefix(group.prefix)] * len(group.tasks)
+            else:
+                caches = [self.engine.row_cache() for _ in group.tasks]
             uids = self.gen.insert(
                 [t.prompt_ids[len(group.prefix) :] for t in group.tasks],
                 max_tokens=[t.params.max_tokens for t in group.tasks],
-                caches=[cache] * len(group.tasks),
+                caches=caches,
                 # One shared sampler once any row samples: mlx-lm then calls it once per step.
                 samplers=[self.sampler if self.sampling else None] * len(group.tasks),
                 logits_processors=[row_processors(t, self.masks) for t in group.tasks],

@@ -269,12 +269,17 @@ class Engine:
         scores: list[float] = (picked * valid).sum(axis=1).tolist()  # type: ignore[assignment]
         return scores
 
+    def row_cache(self) -> list[Any]:
+        """An empty KV cache for one row (see cache.py for how rows' caches merge)."""
+        from mlxbatch.pipeline.engine.cache import row_cache
+
+        return row_cache(self.model)
+
     def prefill_prefix(self, prefix: list[int]) -> list[Any]:
         """A KV cache holding `prefix`, computed once for every row that starts with it."""
         import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
 
-        cache = make_prompt_cache(self.model)
+        cache = self.row_cache()
         self._prefill(mx.array(prefix)[None], cache)
         self.stats.prefix_tokens += len(prefix)
         return cache

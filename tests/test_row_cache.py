@@ -1,0 +1,94 @@
+"""Row caches: a shared prefix merges in one copy, unpadded prefill steps get a causal mask,
+and generation with them gives the tokens mlx-lm's own caches give."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
+
+from mlxbatch.pipeline.engine.cache import RowBatchKVCache, RowKVCache, row_cache
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load(tiny_model)[0]
+
+
+def _prefilled(model, ids: list[int]) -> list:
+    cache = row_cache(model)
+    model(mx.array(ids)[None], cache=cache)
+    return cache
+
+
+def _generate(model, prompts: list[list[int]], caches=None) -> list[list[int]]:
+    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=8)
+    uids = gen.insert(prompts, max_tokens=[6] * len(prompts), caches=caches)
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+    finished = 0
+    while finished < len(uids):
+        for r in gen.next_generated():
+            tokens[r.uid].append(r.token)
+            finished += r.finish_reason is not None
+    gen.close()
+    return [tokens[uid] for uid in uids]
+
+
+def test_a_shared_prefix_merges_into_one_broadcast_copy(model):
+    prefix = _prefilled(model, [5, 9, 14, 3, 22])
+    assert all(type(c) is RowKVCache for c in prefix)
+    merged = RowKVCache.merge([prefix[0]] * 3)
+    assert type(merged) is RowBatchKVCache
+    assert merged.keys.shape[0] == 3 and merged.size() == 5
+    assert merged.left_padding.tolist() == [0, 0, 0] and merged.offset.tolist() == [5, 5, 5]
+    for row in range(3):
+        assert mx.array_equal(merged.keys[row], prefix[0].keys[0, :, :5]).item()
+        assert mx.array_equal(merged.values[row], prefix[0].values[0, :, :5]).item()
+
+
+def test_different_or_empty_caches_merge_as_mlx_lm_merges_them(model):
+    short, long = _prefilled(model, [5, 9]), _prefilled(model, [7, 8, 11])
+    merged = RowKVCache.merge([short[0], long[0]])
+    theirs = BatchKVCache.merge([short[0], long[0]])
+    assert type(merged) is RowBatchKVCache
+    assert merged.left_padding.tolist() == theirs.left_padding.tolist() == [1, 0]
+    assert mx.array_equal(merged.keys, theirs.keys).item()
+    empty = RowKVCache.merge([RowKVCache(), RowKVCache()])
+    assert type(empty) is RowBatchKVCache and empty.keys is None
+
+
+def test_only_prefill_steps_without_left_padding_get_a_causal_mask():
+    assert RowBatchKVCache([0, 0]).make_mask(4) == "causal"
+    padded = RowBatchKVCache([0, 2]).make_mask(4)
+    assert isinstance(padded, mx.array) and padded.shape == (2, 1, 4, 4)
+    assert isinstance(RowBatchKVCache([0, 0]).make_mask(1), mx.array)
+    assert isinstance(RowBatchKVCache([0, 0]).make_mask(4, return_array=True), mx.array)
+
+
+def test_row_caches_generate_the_tokens_mlx_lm_caches_do(model, monkeypatch):
+    masks = []
+    make_mask = RowBatchKVCache.make_mask
+
+    def spy(self, N, **kwargs):
+        masks.append(make_mask(self, N, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(RowBatchKVCache, "make_mask", spy)
+    prefix = [5, 9, 14, 3, 22, 40, 41]
+    suffixes = [[7], [8, 11, 12], [30, 31, 32, 33, 34, 35], [50, 51]]
+    full = [prefix + s for s in suffixes]
+    theirs = _generate(model, full)
+    assert _generate(model, full, caches=[row_cache(model) for _ in full]) == theirs
+    shared = _prefilled(model, prefix)
+    assert _generate(model, suffixes, caches=[shared] * len(suffixes)) == theirs
+    # Prefixes of different lengths: left-padded prefill steps, which need their array masks.
+    cut = [2, 7, 4, 0]
+    caches = [_prefilled(model, prefix[:k]) if k else row_cache(model) for k in cut]
+    assert (
+        _generate(model, [f[k:] for f, k in zip(full, cut, strict=True)], caches=caches) == theirs
+    )
+    # Right-padded prefill steps took the causal mask; decode steps kept their array masks.
+    assert any(isinstance(m, str) for m in masks)
+    assert any(isinstance(m, mx.array) for m in masks)
