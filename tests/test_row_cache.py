@@ -67,6 +67,20 @@ def test_only_prefill_steps_without_left_padding_get_a_causal_mask():
     assert isinstance(RowBatchKVCache([0, 0]).make_mask(4, return_array=True), mx.array)
 
 
+def test_finalize_rolls_right_padded_rows_as_mlx_lm_does():
+    mx.random.seed(1)
+    keys, values = mx.random.normal((3, 2, 9, 4)), mx.random.normal((3, 2, 9, 6))
+    ours, theirs = RowBatchKVCache([0, 0, 0]), BatchKVCache([0, 0, 0])
+    for cache in (ours, theirs):
+        cache.prepare(lengths=[7, 5, 8], right_padding=[1, 3, 0])
+        cache.update_and_fetch(keys, values)
+        cache.finalize()
+    assert ours.left_padding.tolist() == theirs.left_padding.tolist() == [1, 3, 0]
+    assert ours.offset.tolist() == theirs.offset.tolist()
+    assert mx.array_equal(ours.keys, theirs.keys).item()
+    assert mx.array_equal(ours.values, theirs.values).item()
+
+
 def test_row_caches_generate_the_tokens_mlx_lm_caches_do(model, monkeypatch):
     masks = []
     make_mask = RowBatchKVCache.make_mask

@@ -42,6 +42,18 @@ class RowBatchKVCache(BatchKVCache):
             return "causal"
         return super().make_mask(N, return_array=return_array, **kwargs)
 
+    def finalize(self) -> None:
+        """Move right-padded rows' tokens to the end, as mlx-lm's finalize does, but gathering
+        whole head vectors: its element-wise gather took 221 ms vs 27 ms (H100, 214 rows of
+        1,636 tokens, 24 layers)."""
+        if self._right_padding is not None:
+            padding = self._right_padding
+            self.keys = _roll_rows(self.keys, padding)
+            self.values = _roll_rows(self.values, padding)
+            self.offset = self.offset - padding
+            self.left_padding = self.left_padding + padding
+            self._right_padding = None
+
 
 class RowKVCache(KVCache):
     """One row's (or one shared prefix's) KV cache, merged into a RowBatchKVCache."""
@@ -57,6 +69,15 @@ def row_cache(model: Any) -> list[Any]:
     if all(type(c) is KVCache for c in cache):
         return [RowKVCache() for _ in cache]
     return cache
+
+
+def _roll_rows(x: Any, shifts: Any) -> Any:
+    """Roll each row of x [B, H, L, D] right by its shift along L (wrapping around)."""
+    b, h, n, d = x.shape
+    positions = (mx.arange(n)[None, :] - shifts[:, None]) % n  # [B, L]
+    starts = (mx.arange(b * h) * n).reshape(b, h, 1)
+    flat = (starts + positions[:, None, :]).reshape(-1)
+    return x.reshape(b * h * n, d)[flat].reshape(b, h, n, d)
 
 
 def _broadcast_rows(x: Any, rows: int) -> Any:
