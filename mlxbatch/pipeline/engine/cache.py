@@ -19,6 +19,13 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 class RowBatchKVCache(BatchKVCache):
     """A BatchKVCache that merges a shared cache in one copy and masks unpadded steps causally."""
 
+    # Set by BatchKVCache; declared for the type checker, which cannot see into mlx-lm.
+    keys: Any
+    values: Any
+    offset: Any
+    left_padding: Any
+    _right_padding: Any
+
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
         first = caches[0]
