@@ -1,5 +1,5 @@
-"""Row caches: a shared prefix merges in one copy, unpadded prefill steps get a causal mask,
-and generation with them gives the tokens mlx-lm's own caches give."""
+"""Row caches: a shared prefix is held once (or broadcast in one copy), unpadded prefill steps
+get a causal mask, and generation with them gives the tokens mlx-lm's own caches give."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 
+from mlxbatch.pipeline.engine.attention import batch_attention, shared_prefix_attention
 from mlxbatch.pipeline.engine.cache import RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.model import Engine
 
 
 @pytest.fixture(scope="module")
@@ -17,21 +19,22 @@ def model(tiny_model):
     return load(tiny_model)[0]
 
 
-def _prefilled(model, ids: list[int]) -> list:
-    cache = row_cache(model)
+def _prefilled(model, ids: list[int], share_prefix: bool = False) -> list:
+    cache = row_cache(model, share_prefix)
     model(mx.array(ids)[None], cache=cache)
     return cache
 
 
-def _generate(model, prompts: list[list[int]], caches=None) -> list[list[int]]:
-    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=8)
+def _generate(model, prompts: list[list[int]], caches=None, prefill: int = 8) -> list[list[int]]:
+    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=prefill)
     uids = gen.insert(prompts, max_tokens=[6] * len(prompts), caches=caches)
     tokens: dict[int, list[int]] = {uid: [] for uid in uids}
     finished = 0
-    while finished < len(uids):
-        for r in gen.next_generated():
-            tokens[r.uid].append(r.token)
-            finished += r.finish_reason is not None
+    with batch_attention(model):
+        while finished < len(uids):
+            for r in gen.next_generated():
+                tokens[r.uid].append(r.token)
+                finished += r.finish_reason is not None
     gen.close()
     return [tokens[uid] for uid in uids]
 
@@ -46,6 +49,15 @@ def test_a_shared_prefix_merges_into_one_broadcast_copy(model):
     for row in range(3):
         assert mx.array_equal(merged.keys[row], prefix[0].keys[0, :, :5]).item()
         assert mx.array_equal(merged.values[row], prefix[0].values[0, :, :5]).item()
+
+
+def test_a_shared_prefix_is_held_once_when_its_attention_is_in_place(model):
+    prefix = _prefilled(model, [5, 9, 14, 3, 22], share_prefix=True)
+    merged = RowKVCache.merge([prefix[0]] * 3)
+    assert merged.keys is None and merged.size() == 0  # no row holds a copy
+    assert merged.offset.tolist() == [5, 5, 5]  # rotary positions still count the prefix
+    assert merged.prefix is not None and merged.prefix[0].shape[:3] == (1, 2, 5)
+    assert mx.array_equal(merged.prefix[0], prefix[0].keys[..., :5, :]).item()
 
 
 def test_different_or_empty_caches_merge_as_mlx_lm_merges_them(model):
@@ -106,3 +118,65 @@ def test_row_caches_generate_the_tokens_mlx_lm_caches_do(model, monkeypatch):
     # Right-padded prefill steps took the causal mask; decode steps kept their array masks.
     assert any(isinstance(m, str) for m in masks)
     assert any(isinstance(m, mx.array) for m in masks)
+
+
+def _attention_inputs(rows: int, n: int, own: int, prefix: int):
+    mx.random.seed(5)
+    q = mx.random.normal((rows, 4, n, 8))
+    pk, pv = mx.random.normal((1, 2, prefix, 8)), mx.random.normal((1, 2, prefix, 8))
+    k, v = mx.random.normal((rows, 2, own, 8)), mx.random.normal((rows, 2, own, 8))
+    full_k = mx.concatenate([mx.broadcast_to(pk, (rows, 2, prefix, 8)), k], axis=2)
+    full_v = mx.concatenate([mx.broadcast_to(pv, (rows, 2, prefix, 8)), v], axis=2)
+    cache = RowBatchKVCache([0] * rows)
+    cache.prefix = (pk, pv)
+    return q, k, v, full_k, full_v, cache
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_shared_prefix_attention_equals_attention_over_the_whole_history(additive):
+    left_padding = mx.array([0, 2, 1])
+    q, k, v, full_k, full_v, cache = _attention_inputs(3, 1, 5, 6)
+    own_mask = (mx.arange(5)[None, :] >= left_padding[:, None])[:, None, None, :]
+    full_mask = mx.concatenate([mx.ones((3, 1, 1, 6), mx.bool_), own_mask], axis=-1)
+    if additive:
+        own_mask, full_mask = (mx.where(m, 0.0, -1e9) for m in (own_mask, full_mask))
+    ours = shared_prefix_attention(q, k, v, cache, 0.3, own_mask)
+    theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask=full_mask)
+    assert mx.allclose(ours, theirs, atol=1e-5).item()
+    # A prefill chunk: causal over its own tokens, after the whole prefix.
+    q, k, v, full_k, full_v, cache = _attention_inputs(3, 4, 4, 6)
+    ours = shared_prefix_attention(q, k, v, cache, 0.3, "causal")
+    theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask="causal")
+    assert mx.allclose(ours, theirs, atol=1e-5).item()
+
+
+def test_shared_prefixes_generate_the_tokens_mlx_lm_caches_do(model):
+    first, second = [5, 9, 14, 3, 22, 40, 41], [60, 61, 62, 63]
+    suffixes = [[7], [8, 11, 12], [30, 31, 32, 33, 34, 35], [50, 51]]
+    prefixes = [first, first, second, second]
+    theirs = _generate(model, [p + s for p, s in zip(prefixes, suffixes, strict=True)])
+    one = _prefilled(model, first, share_prefix=True)
+    same = [p + s for p, s in zip([first] * 4, suffixes, strict=True)]
+    assert _generate(model, suffixes, caches=[one] * 4) == _generate(model, same)
+    # Two prefixes, prefilled two rows at a time: the batches meet, and the prefix is copied
+    # into every row first.
+    two = _prefilled(model, second, share_prefix=True)
+    assert _generate(model, suffixes, caches=[one, one, two, two], prefill=2) == theirs
+
+
+def test_prefixes_are_shared_only_where_every_layer_adds_them(tiny_model, monkeypatch):
+    engine = Engine(tiny_model)
+    assert engine.shares_prefixes
+    assert all(c.share_prefix for c in engine.prefill_prefix([5, 9, 14]))
+    import mlx_lm.models.llama as llama
+
+    # A model module whose attention is not mlx-lm's shared function keeps whole copies.
+    from mlx_lm.models import base
+
+    def own(*args, **kwargs):
+        return base.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", own)
+    engine = Engine(tiny_model)
+    assert not engine.shares_prefixes
+    assert not any(c.share_prefix for c in engine.prefill_prefix([5, 9, 14]))

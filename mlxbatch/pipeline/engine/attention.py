@@ -1,6 +1,8 @@
-"""Decode attention of left-padded batches as grouped matmuls, swapped in on CUDA.
+"""Attention for batched generation, swapped into mlx-lm's model modules while generating.
 
-It does not change prefill or any unpadded step, and is off on Metal and CPU unless asked for.
+Two cases leave mlx-lm's own attention: a batch holding a shared prefix once (cache.py), whose
+keys and values arrive without the prefix; and, on CUDA, decode steps of left-padded batches,
+computed as grouped matmuls. Everything else goes to mlx-lm's attention unchanged.
 """
 
 from __future__ import annotations
@@ -15,29 +17,89 @@ DECODE_ATTENTION_ENV = "MLXBATCH_DECODE_ATTENTION"
 
 
 @contextlib.contextmanager
-def decode_attention(model: Any) -> Any:
-    """Route the model's attention through `grouped_decode_attention` while generating.
+def batch_attention(model: Any) -> Any:
+    """Route the model's attention through this module while generating.
 
     mlx-lm model modules call `scaled_dot_product_attention` by module-global name, so it is
-    swapped there, and put back afterwards. On by default on CUDA only, where it was measured.
+    swapped there, and put back afterwards. The grouped decode attention is on by default on
+    CUDA only, where it was measured.
     """
     import mlx.core as mx
     from mlx_lm.models import base
 
     cuda = getattr(mx, "cuda", None)  # every current MLX build has it; older ones may not
     on_cuda = cuda is not None and cuda.is_available()
-    choice = os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if on_cuda else "")
+    grouped = (os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if on_cuda else "")) == "grouped"
     original = base.scaled_dot_product_attention
+
+    def attention(
+        queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any, sinks: Any = None
+    ) -> Any:
+        if getattr(cache, "prefix", None) is not None and sinks is None:
+            return shared_prefix_attention(queries, keys, values, cache, scale, mask)
+        if grouped:
+            return grouped_decode_attention(queries, keys, values, cache, scale, mask, sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
     modules: set[Any] = {sys.modules[type(m).__module__] for m in model.modules()}
     swapped = [m for m in modules if getattr(m, "scaled_dot_product_attention", None) is original]
-    if choice == "grouped":
-        for module in swapped:
-            module.scaled_dot_product_attention = grouped_decode_attention
+    for module in swapped:
+        module.scaled_dot_product_attention = attention
     try:
         yield
     finally:
         for module in swapped:
             module.scaled_dot_product_attention = original
+
+
+def shared_prefix_attention(
+    queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any
+) -> Any:
+    """Attention over a batch's prefix, held once in `cache.prefix`, and each row's own tokens.
+
+    A decode step scores every row against the prefix in one matmul per KV head, reading the
+    prefix once for the whole batch; the rows' own tokens are scored as in
+    `grouped_decode_attention`. A prefill chunk attends over the prefix broadcast to its rows
+    (the prefix columns need no mask: every row sees all of it).
+    """
+    import mlx.core as mx
+
+    prefix_keys, prefix_values = cache.prefix
+    b, heads, n, dim = queries.shape
+    length = prefix_keys.shape[2]
+    if n > 1 or not isinstance(mask, mx.array):
+        k = mx.concatenate([mx.broadcast_to(prefix_keys, (b, *prefix_keys.shape[1:])), keys], 2)
+        v = mx.concatenate(
+            [mx.broadcast_to(prefix_values, (b, *prefix_values.shape[1:])), values], 2
+        )
+        if isinstance(mask, mx.array):
+            shape = (*mask.shape[:-1], length)
+            seen = (
+                mx.ones(shape, mx.bool_) if mask.dtype == mx.bool_ else mx.zeros(shape, mask.dtype)
+            )
+            mask = mx.concatenate([seen, mask], axis=-1)
+        return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask)
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    q = (queries * mx.array(scale, queries.dtype)).reshape(b, kv_heads, group, dim)
+    by_head = q.transpose(1, 0, 2, 3).reshape(kv_heads, b * group, dim)
+    prefix_scores = (by_head @ prefix_keys[0].swapaxes(-1, -2)).reshape(kv_heads, b, group, -1)
+    own_scores = _masked(q @ keys.swapaxes(-1, -2), mask.reshape(mask.shape[0], 1, 1, -1))
+    scores = mx.concatenate([prefix_scores.transpose(1, 0, 2, 3), own_scores], axis=-1)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    prefix_weights = weights[..., :length].transpose(1, 0, 2, 3).reshape(kv_heads, b * group, -1)
+    from_prefix = (prefix_weights @ prefix_values[0]).reshape(kv_heads, b, group, -1)
+    out = from_prefix.transpose(1, 0, 2, 3) + weights[..., length:] @ values
+    return out.reshape(b, heads, 1, values.shape[-1])
+
+
+def _masked(scores: Any, mask: Any) -> Any:
+    """Scores with a bool (keep) or additive mask applied, as MLX's own masked path does."""
+    import mlx.core as mx
+
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return scores + mask.astype(scores.dtype)
 
 
 def grouped_decode_attention(
@@ -73,11 +135,6 @@ def grouped_decode_attention(
     group = heads // kv_heads
     q = (queries * mx.array(scale, queries.dtype)).reshape(b, kv_heads, group * n, dim)
     scores = (q @ keys.swapaxes(-1, -2)).reshape(b, kv_heads, group, n, -1)
-    row_mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[2], mask.shape[3])
-    if row_mask.dtype == mx.bool_:
-        lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
-        scores = mx.where(row_mask, scores, lowest)
-    else:
-        scores = scores + row_mask.astype(scores.dtype)
+    scores = _masked(scores, mask.reshape(mask.shape[0], 1, 1, mask.shape[2], mask.shape[3]))
     weights = mx.softmax(scores, axis=-1, precise=True).reshape(b, kv_heads, group * n, -1)
     return (weights @ values).reshape(b, heads, n, values.shape[-1])

@@ -1,23 +1,36 @@
-"""KV caches for rows that mlx-lm batches: one copy for a shared prefix, causal prefill masks.
+"""KV caches for rows that mlx-lm batches: a shared prefix held once, causal prefill masks.
 
-mlx-lm merges the rows' caches into a BatchKVCache with one slice copy per row, and gives
-every prefill step an array mask. Here a prefix cache shared by all rows of a merge is
-broadcast in one copy, and a prefill step in which no row is left-padded gets a plain causal
-mask: rows that start together (all after the same prefix, or a fresh batch whose shorter
-prompts mlx-lm right-pads) need nothing more, and MLX can then choose its fused attention
-instead of writing out every score. Models with other cache kinds keep mlx-lm's caches.
+mlx-lm merges the rows' caches into a BatchKVCache with one copy of every row's whole history.
+Here, when every row of a merge starts from the same prefix cache, the batch keeps that
+prefix's keys and values once (`RowBatchKVCache.prefix`) and only the rows' own tokens per
+row; attention.py adds the prefix back in (one matmul over all rows in a decode step). Where
+that attention is not in place (`RowKVCache.share_prefix` off) the prefix is broadcast into
+every row in one copy. A batch that meets rows of another prefix is turned back into the
+plain layout first.
+
+A prefill step in which no row is left-padded gets a plain causal mask: rows that start
+together (after the same prefix, or in a fresh batch whose shorter prompts mlx-lm right-pads)
+need nothing more, and MLX can then use its fused attention. Models with other cache kinds
+keep mlx-lm's caches.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+_prefix_ids = itertools.count(1)
+
 
 class RowBatchKVCache(BatchKVCache):
-    """A BatchKVCache that merges a shared cache in one copy and masks unpadded steps causally."""
+    """A BatchKVCache that can hold one prefix for all rows and masks unpadded steps causally.
+
+    With `prefix` set, keys/values/_idx/left_padding describe only the rows' own tokens, while
+    `offset` (the rotary position) still counts the prefix.
+    """
 
     # Set by BatchKVCache; declared for the type checker, which cannot see into mlx-lm.
     keys: Any
@@ -25,6 +38,10 @@ class RowBatchKVCache(BatchKVCache):
     offset: Any
     left_padding: Any
     _right_padding: Any
+    _idx: int
+
+    prefix: tuple[Any, Any] | None = None  # keys, values: [1, kv_heads, length, head_dim]
+    prefix_id: int = 0  # equal for batches holding the same prefix (copies included)
 
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
@@ -36,9 +53,12 @@ class RowBatchKVCache(BatchKVCache):
         n = first.offset
         keys, values = first.keys[..., :n, :], first.values[..., :n, :]
         cache = cls([0] * len(caches))
+        cache.offset += n
+        if getattr(first, "share_prefix", False):
+            cache.prefix, cache.prefix_id = (keys, values), first.prefix_id
+            return cache
         cache.keys = _broadcast_rows(keys, len(caches))
         cache.values = _broadcast_rows(values, len(caches))
-        cache.offset += n
         cache._idx = n
         return cache
 
@@ -55,36 +75,93 @@ class RowBatchKVCache(BatchKVCache):
         1,636 tokens, 24 layers)."""
         if self._right_padding is not None:
             padding = self._right_padding
-            self.keys = _roll_rows(self.keys, padding)
-            self.values = _roll_rows(self.values, padding)
+            n = self.keys.shape[2]
+            positions = (mx.arange(n)[None, :] - padding[:, None]) % n
+            self.keys = _gather_positions(self.keys, positions)
+            self.values = _gather_positions(self.values, positions)
             self.offset = self.offset - padding
             self.left_padding = self.left_padding + padding
             self._right_padding = None
 
+    def extend(self, other: Any) -> None:
+        shared = self.prefix is not None or getattr(other, "prefix", None) is not None
+        same = isinstance(other, RowBatchKVCache) and other.prefix_id == self.prefix_id
+        if shared and not same:
+            self.unshare()
+            if isinstance(other, RowBatchKVCache):
+                other.unshare()
+        super().extend(other)
+
+    def unshare(self) -> None:
+        """Copy the prefix into every row: the plain layout, [padding, prefix, own tokens]."""
+        if self.prefix is None:
+            return
+        prefix_keys, prefix_values = self.prefix
+        rows, length = self.left_padding.shape[0], prefix_keys.shape[2]
+        if self.keys is None:
+            self.keys = _broadcast_rows(prefix_keys, rows)
+            self.values = _broadcast_rows(prefix_values, rows)
+        else:
+            # Row r's padding moves from after the prefix to before it.
+            n = self.keys.shape[2] + length
+            j = mx.arange(n)[None, :]
+            pad = self.left_padding[:, None]
+            positions = mx.where(j < pad, 0, mx.where(j < pad + length, j - pad, j))
+            self.keys = _gather_positions(_after_prefix(prefix_keys, self.keys), positions)
+            self.values = _gather_positions(_after_prefix(prefix_values, self.values), positions)
+        self._idx += length
+        self.prefix, self.prefix_id = None, 0
+
+    def extract(self, idx: int) -> Any:
+        if self.prefix is None:
+            return super().extract(idx)
+        cache = super().extract(idx) if self.keys is not None else KVCache()
+        prefix_keys, prefix_values = self.prefix
+        if cache.keys is None:
+            cache.keys, cache.values = prefix_keys, prefix_values
+        else:
+            cache.keys = mx.concatenate([prefix_keys, cache.keys], axis=2)
+            cache.values = mx.concatenate([prefix_values, cache.values], axis=2)
+        cache.offset = cache.keys.shape[2]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        own = super().nbytes
+        return own + (sum(p.nbytes for p in self.prefix) if self.prefix is not None else 0)
+
 
 class RowKVCache(KVCache):
     """One row's (or one shared prefix's) KV cache, merged into a RowBatchKVCache."""
+
+    def __init__(self, share_prefix: bool = False):
+        super().__init__()
+        self.share_prefix = share_prefix  # merged, identical copies keep one prefix
+        self.prefix_id = next(_prefix_ids)
 
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
         return RowBatchKVCache.merge(caches)
 
 
-def row_cache(model: Any) -> list[Any]:
+def row_cache(model: Any, share_prefix: bool = False) -> list[Any]:
     """An empty per-layer cache for one row: RowKVCaches where the model uses plain ones."""
     cache = make_prompt_cache(model)
     if all(type(c) is KVCache for c in cache):
-        return [RowKVCache() for _ in cache]
+        return [RowKVCache(share_prefix) for _ in cache]
     return cache
 
 
-def _roll_rows(x: Any, shifts: Any) -> Any:
-    """Roll each row of x [B, H, L, D] right by its shift along L (wrapping around)."""
+def _after_prefix(prefix: Any, rows: Any) -> Any:
+    return mx.concatenate([_broadcast_rows(prefix, rows.shape[0]), rows], axis=2)
+
+
+def _gather_positions(x: Any, positions: Any) -> Any:
+    """x [B, H, L, D] with each row's L axis taken at `positions` [B, L'] (head vectors whole)."""
     b, h, n, d = x.shape
-    positions = (mx.arange(n)[None, :] - shifts[:, None]) % n  # [B, L]
     starts = (mx.arange(b * h) * n).reshape(b, h, 1)
     flat = (starts + positions[:, None, :]).reshape(-1)
-    return x.reshape(b * h * n, d)[flat].reshape(b, h, n, d)
+    return x.reshape(b * h * n, d)[flat].reshape(b, h, positions.shape[1], d)
 
 
 def _broadcast_rows(x: Any, rows: int) -> Any:

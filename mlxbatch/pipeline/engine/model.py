@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxbatch.pipeline.engine.attention import decode_attention
+from mlxbatch.pipeline.engine.attention import batch_attention
 from mlxbatch.pipeline.engine.batch import BatchRun
 from mlxbatch.pipeline.engine.errors import (
     ModelLoadError,
@@ -167,7 +167,7 @@ class Engine:
             run = None
             try:
                 run = BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
-                with decode_attention(self.model):
+                with batch_attention(self.model):
                     return run.drive(should_stop)
             except UnsupportedMlxLm:
                 raise  # not a failing step: retrying smaller batches would not help
@@ -269,17 +269,49 @@ class Engine:
         scores: list[float] = (picked * valid).sum(axis=1).tolist()  # type: ignore[assignment]
         return scores
 
-    def row_cache(self) -> list[Any]:
+    def row_cache(self, share_prefix: bool = False) -> list[Any]:
         """An empty KV cache for one row (see cache.py for how rows' caches merge)."""
         from mlxbatch.pipeline.engine.cache import row_cache
 
-        return row_cache(self.model)
+        return row_cache(self.model, share_prefix and self.shares_prefixes)
+
+    @functools.cached_property
+    def shares_prefixes(self) -> bool:
+        """Whether batches may hold a shared prefix once: only if every layer's attention goes
+        through batch_attention (which adds the prefix back), counted on one small batch."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from mlxbatch.pipeline.engine import attention
+        from mlxbatch.pipeline.engine.cache import RowKVCache, row_cache
+
+        cache = row_cache(self.model, share_prefix=True)
+        if not all(isinstance(c, RowKVCache) for c in cache):
+            return False
+        self.model(mx.array([[1, 2]]), cache=cache)
+        batch = [c.merge([c, c]) for c in cache]
+        seen: list[Any] = []
+        real = attention.shared_prefix_attention
+
+        def counted(
+            queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any
+        ) -> Any:
+            seen.append(cache)
+            return real(queries, keys, values, cache, scale, mask)
+
+        attention.shared_prefix_attention = counted
+        try:
+            with batch_attention(self.model):
+                mx.eval(self.model(mx.array([[3], [4]]), cache=batch))
+        finally:
+            attention.shared_prefix_attention = real
+        return len(seen) == len(make_prompt_cache(self.model))
 
     def prefill_prefix(self, prefix: list[int]) -> list[Any]:
         """A KV cache holding `prefix`, computed once for every row that starts with it."""
         import mlx.core as mx
 
-        cache = self.row_cache()
+        cache = self.row_cache(share_prefix=True)
         self._prefill(mx.array(prefix)[None], cache)
         self.stats.prefix_tokens += len(prefix)
         return cache
