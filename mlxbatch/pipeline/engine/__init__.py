@@ -10,7 +10,8 @@ decided by the caller (pipeline/plan.py).
 - model.py      Engine: load, dtype, memory budget, generate, score choices, prefix prefill
 - batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
-- attention.py  grouped decode attention for padded batches on CUDA
+- cache.py      row caches: a shared prefix held once per batch, causal prefill masks
+- attention.py  attention while generating: shared prefixes, grouped decode steps on CUDA
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports
 """

@@ -156,7 +156,7 @@ class Engine:
         allowed-token mask; it is required when any task is constrained.
 
         Each group's shared prefix is prefilled once and its KV cache handed to every row of
-        the group (mlx-lm merges caches without changing them, so no per-row copy is made).
+        the group (held once per batch where the model allows it, see cache.py).
         A failing step halves the batch and retries the unfinished tasks; at one row, the
         row in flight becomes an error record. Returns False if `should_stop` cut it short.
         """
@@ -277,35 +277,10 @@ class Engine:
 
     @functools.cached_property
     def shares_prefixes(self) -> bool:
-        """Whether batches may hold a shared prefix once: only if every layer's attention goes
-        through batch_attention (which adds the prefix back), counted on one small batch."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
+        """Whether batches may hold a shared prefix once (see cache.py), checked once."""
+        from mlxbatch.pipeline.engine.cache import can_share_prefixes
 
-        from mlxbatch.pipeline.engine import attention
-        from mlxbatch.pipeline.engine.cache import RowKVCache, row_cache
-
-        cache = row_cache(self.model, share_prefix=True)
-        if not all(isinstance(c, RowKVCache) for c in cache):
-            return False
-        self.model(mx.array([[1, 2]]), cache=cache)
-        batch = [c.merge([c, c]) for c in cache]
-        seen: list[Any] = []
-        real = attention.shared_prefix_attention
-
-        def counted(
-            queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any
-        ) -> Any:
-            seen.append(cache)
-            return real(queries, keys, values, cache, scale, mask)
-
-        attention.shared_prefix_attention = counted
-        try:
-            with batch_attention(self.model):
-                mx.eval(self.model(mx.array([[3], [4]]), cache=batch))
-        finally:
-            attention.shared_prefix_attention = real
-        return len(seen) == len(make_prompt_cache(self.model))
+        return can_share_prefixes(self.model)
 
     def prefill_prefix(self, prefix: list[int]) -> list[Any]:
         """A KV cache holding `prefix`, computed once for every row that starts with it."""
