@@ -180,3 +180,31 @@ def test_prefixes_are_shared_only_where_every_layer_adds_them(tiny_model, monkey
     engine = Engine(tiny_model)
     assert not engine.shares_prefixes
     assert not any(c.share_prefix for c in engine.prefill_prefix([5, 9, 14]))
+
+
+def test_extract_cuts_out_rows_as_mlx_lm_does():
+    mx.random.seed(2)
+    keys, values = mx.random.normal((3, 2, 6, 4)), mx.random.normal((3, 2, 6, 4))
+    ours, theirs = RowBatchKVCache([1, 0, 3]), BatchKVCache([1, 0, 3])
+    for cache in (ours, theirs):
+        cache.update_and_fetch(keys, values)
+
+    def same_rows(rows: int) -> bool:
+        pairs = [(ours.extract(i), theirs.extract(i)) for i in range(rows)]
+        return all(
+            mx.array_equal(a.keys, b.keys).item()
+            and mx.array_equal(a.values, b.values).item()
+            and a.offset == b.offset
+            for a, b in pairs
+        )
+
+    assert same_rows(3)
+    for cache in (ours, theirs):
+        cache.filter([0, 2])  # drops a row, then the padding all rows still share
+    assert ours.left_padding.tolist() == [0, 2]
+    assert same_rows(2)
+    prefix = (mx.random.normal((1, 2, 4, 4)), mx.random.normal((1, 2, 4, 4)))
+    ours.prefix = prefix
+    row = ours.extract(1)
+    assert row.offset == 4 + 3  # the prefix, then the row's own 3 tokens
+    assert mx.array_equal(row.keys[:, :, :4], prefix[0]).item()

@@ -42,6 +42,7 @@ class RowBatchKVCache(BatchKVCache):
 
     prefix: tuple[Any, Any] | None = None  # keys, values: [1, kv_heads, length, head_dim]
     prefix_id: int = 0  # equal for batches holding the same prefix (copies included)
+    _padding: tuple[Any, list[int]] | None = None  # left_padding and its values, read once
 
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
@@ -112,10 +113,24 @@ class RowBatchKVCache(BatchKVCache):
         self._idx += length
         self.prefix, self.prefix_id = None, 0
 
+    def prepare(self, **kwargs: Any) -> None:
+        self._padding = None  # mlx-lm may change left_padding in place here
+        super().prepare(**kwargs)
+
     def extract(self, idx: int) -> Any:
+        """One row's cache, as mlx-lm's extract cuts it out (with the prefix in front).
+
+        mlx-lm cuts one out for every finished row and layer, and its own extract reads the
+        whole padding array from the device every time; it is read once per batch state here.
+        """
+        cache = KVCache()
+        if self.keys is not None:
+            padding = self._left_padding_list()[idx]
+            cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, padding : self._idx])
+            cache.values = mx.contiguous(self.values[idx : idx + 1, :, padding : self._idx])
+            cache.offset = cache.keys.shape[2]
         if self.prefix is None:
-            return super().extract(idx)
-        cache = super().extract(idx) if self.keys is not None else KVCache()
+            return cache
         prefix_keys, prefix_values = self.prefix
         if cache.keys is None:
             cache.keys, cache.values = prefix_keys, prefix_values
@@ -124,6 +139,13 @@ class RowBatchKVCache(BatchKVCache):
             cache.values = mx.concatenate([prefix_values, cache.values], axis=2)
         cache.offset = cache.keys.shape[2]
         return cache
+
+    def _left_padding_list(self) -> list[int]:
+        # Every other change to left_padding binds a new array, so its identity tells.
+        memo = getattr(self, "_padding", None)
+        if memo is None or memo[0] is not self.left_padding:
+            memo = self._padding = (self.left_padding, self.left_padding.tolist())
+        return memo[1]
 
     @property
     def nbytes(self) -> int:
