@@ -142,7 +142,7 @@ class RowBatchKVCache(BatchKVCache):
 
     def _left_padding_list(self) -> list[int]:
         # Every other change to left_padding binds a new array, so its identity tells.
-        memo = getattr(self, "_padding", None)
+        memo = self._padding
         if memo is None or memo[0] is not self.left_padding:
             memo = self._padding = (self.left_padding, self.left_padding.tolist())
         return memo[1]
