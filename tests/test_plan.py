@@ -1,6 +1,9 @@
 """Unit tests of pipeline/plan.py over list literals."""
 
+import random
+
 from mlxbatch.pipeline.plan import (
+    _common_length,
     choose_batch_sizes,
     context_error,
     group_by_prefix,
@@ -70,3 +73,14 @@ def test_prefix_groups_prefer_the_biggest_saving():
         (0, [9]),
     ]
     assert group_by_prefix([]) == []
+
+
+def test_common_length_matches_a_plain_scan():
+    rng = random.Random(0)
+    for _ in range(500):
+        head = [rng.randrange(4) for _ in range(rng.randrange(0, 40))]
+        a = head + [rng.randrange(4) for _ in range(rng.randrange(0, 10))]
+        b = head + [rng.randrange(4) for _ in range(rng.randrange(0, 10))]
+        pairs = enumerate(zip(a, b, strict=False))
+        expected = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+        assert _common_length(a, b) == expected

@@ -199,10 +199,16 @@ def test_extract_cuts_out_rows_as_mlx_lm_does():
         )
 
     assert same_rows(3)
+    # A row cut out is sliced only when first read: it must still be the row as it was.
+    early, expected = ours.extract(2), theirs.extract(2)
     for cache in (ours, theirs):
         cache.filter([0, 2])  # drops a row, then the padding all rows still share
     assert ours.left_padding.tolist() == [0, 2]
     assert same_rows(2)
+    early_keys, early_values, early_offset = early.state
+    assert early_offset == expected.offset == 3
+    assert mx.array_equal(early_keys, expected.keys).item()
+    assert mx.array_equal(early_values, expected.values).item()
     prefix = (mx.random.normal((1, 2, 4, 4)), mx.random.normal((1, 2, 4, 4)))
     ours.prefix = prefix
     row = ours.extract(1)

@@ -78,11 +78,17 @@ def choose_batch_sizes(
 
 
 def _common_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the longest common prefix of `a` and `b`."""
+    # Binary search over slice comparisons, which run in C: a Python loop over every shared
+    # token took ~0.1 s for 512 prompts behind a 1,500-token system prompt.
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def group_by_prefix(tasks: list[Task], *, min_prefix: int = 16) -> list[PrefixGroup]:
@@ -96,6 +102,7 @@ def group_by_prefix(tasks: list[Task], *, min_prefix: int = 16) -> list[PrefixGr
     """
     ordered = sorted(tasks, key=lambda t: t.prompt_ids)
     shared = [_common_length(a.prompt_ids, b.prompt_ids) for a, b in pairwise(ordered)]
+    lengths = [len(t.prompt_ids) for t in ordered]
     groups: list[PrefixGroup] = []
     loose: list[Task] = []
 
@@ -104,7 +111,7 @@ def group_by_prefix(tasks: list[Task], *, min_prefix: int = 16) -> list[PrefixGr
         if lo == hi:
             return 0, [(lo, hi, 0)]
         floor = min(shared[lo:hi])
-        floor = min(floor, min(len(t.prompt_ids) for t in ordered[lo : hi + 1]) - 1)
+        floor = min(floor, min(lengths[lo : hi + 1]) - 1)
         whole = (hi - lo) * floor if floor >= min_prefix else 0
         if depth > 64:
             return whole, [(lo, hi, floor if whole else 0)]

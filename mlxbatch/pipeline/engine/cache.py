@@ -120,25 +120,12 @@ class RowBatchKVCache(BatchKVCache):
     def extract(self, idx: int) -> Any:
         """One row's cache, as mlx-lm's extract cuts it out (with the prefix in front).
 
-        mlx-lm cuts one out for every finished row and layer, and its own extract reads the
-        whole padding array from the device every time; it is read once per batch state here.
+        mlx-lm cuts one out for every finished row and layer, reading the whole padding array
+        from the device each time, and the batch drops them unread: here the padding is read
+        once per batch state and the row is sliced only when first used.
         """
-        cache = KVCache()
-        if self.keys is not None:
-            padding = self._left_padding_list()[idx]
-            cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, padding : self._idx])
-            cache.values = mx.contiguous(self.values[idx : idx + 1, :, padding : self._idx])
-            cache.offset = cache.keys.shape[2]
-        if self.prefix is None:
-            return cache
-        prefix_keys, prefix_values = self.prefix
-        if cache.keys is None:
-            cache.keys, cache.values = prefix_keys, prefix_values
-        else:
-            cache.keys = mx.concatenate([prefix_keys, cache.keys], axis=2)
-            cache.values = mx.concatenate([prefix_values, cache.values], axis=2)
-        cache.offset = cache.keys.shape[2]
-        return cache
+        start = self._left_padding_list()[idx] if self.keys is not None else 0
+        return _CutRow(self.keys, self.values, idx, start, self._idx, self.prefix)
 
     def _left_padding_list(self) -> list[int]:
         # Every other change to left_padding binds a new array, so its identity tells.
@@ -151,6 +138,32 @@ class RowBatchKVCache(BatchKVCache):
     def nbytes(self) -> int:
         own = super().nbytes
         return own + (sum(p.nbytes for p in self.prefix) if self.prefix is not None else 0)
+
+
+class _CutRow(KVCache):
+    """One row of a batch cache, sliced from it on first use of keys, values or offset."""
+
+    def __init__(self, keys: Any, values: Any, row: int, start: int, end: int, prefix: Any):
+        # No KVCache.__init__: its keys/values/offset would hide __getattr__.
+        self._source = (keys, values, row, start, end, prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in ("keys", "values", "offset") or "_source" not in self.__dict__:
+            raise AttributeError(name)
+        keys, values, row, start, end, prefix = self.__dict__.pop("_source")
+        if keys is not None:
+            keys = mx.contiguous(keys[row : row + 1, :, start:end])
+            values = mx.contiguous(values[row : row + 1, :, start:end])
+        if prefix is not None:
+            prefix_keys, prefix_values = prefix
+            if keys is None:
+                keys, values = prefix_keys, prefix_values
+            else:
+                keys = mx.concatenate([prefix_keys, keys], axis=2)
+                values = mx.concatenate([prefix_values, values], axis=2)
+        self.keys, self.values = keys, values
+        self.offset = 0 if keys is None else keys.shape[2]
+        return getattr(self, name)
 
 
 class RowKVCache(KVCache):
@@ -187,7 +200,7 @@ def can_share_prefixes(model: Any) -> bool:
     attention.shared_prefix_attention = counted
     try:
         with attention.batch_attention(model):
-            mx.eval(model(mx.array([[3], [4]]), cache=batch))
+            model(mx.array([[3], [4]]), cache=batch)  # building the graph makes the calls
     finally:
         attention.shared_prefix_attention = real
     return len(seen) == len(cache)
