@@ -20,6 +20,7 @@ import jinja2.meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from mlxbatch.pipeline.encode import encode_texts
 from mlxbatch.records import TEMPLATE, GenParams, Request, Task
 
 
@@ -137,14 +138,6 @@ def _token_error(ids: list[int], tokenizer: Any) -> tuple[str, str] | None:
     if bad is None:
         return None
     return ("invalid_prompt", f"token id {bad} is outside the vocabulary (0 to {size - 1})")
-
-
-def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """Token ids of many texts in one call to the Rust tokenizer when there is one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-    return [list(tokenizer.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
 
 
 def prompt_token_ids(request: Request, tokenizer: Any, **options: Any) -> list[int]:
