@@ -167,7 +167,7 @@ def test_shared_prefixes_generate_the_tokens_mlx_lm_caches_do(model):
 def test_prefixes_are_shared_only_where_every_layer_adds_them(tiny_model, monkeypatch):
     engine = Engine(tiny_model)
     assert engine.shares_prefixes
-    assert all(c.share_prefix for c in engine.prefill_prefix([5, 9, 14]))
+    assert all(c.share_prefix for c in engine.prefill_prefixes([[5, 9, 14]])[0])
     import mlx_lm.models.llama as llama
 
     # A model module whose attention is not mlx-lm's shared function keeps whole copies.
@@ -179,7 +179,7 @@ def test_prefixes_are_shared_only_where_every_layer_adds_them(tiny_model, monkey
     monkeypatch.setattr(llama, "scaled_dot_product_attention", own)
     engine = Engine(tiny_model)
     assert not engine.shares_prefixes
-    assert not any(c.share_prefix for c in engine.prefill_prefix([5, 9, 14]))
+    assert not any(c.share_prefix for c in engine.prefill_prefixes([[5, 9, 14]])[0])
 
 
 def test_extract_cuts_out_rows_as_mlx_lm_does():

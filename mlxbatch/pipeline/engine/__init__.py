@@ -7,10 +7,11 @@ strings, and recovery from a failing step (out of memory) by halving the batch d
 rows, where a row that still fails becomes an error record. Ordering and batch sizing are
 decided by the caller (pipeline/plan.py).
 
-- model.py      Engine: load, dtype, memory budget, generate, score choices, prefix prefill
+- model.py      Engine: load, dtype, memory budget, generate, score choices
 - batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
+- prefix.py     prefix caches: many groups' prefixes prefilled in a few batches
 - attention.py  attention while generating: shared prefixes, grouped decode steps on CUDA
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports
@@ -19,13 +20,12 @@ decided by the caller (pipeline/plan.py).
 from mlxbatch.pipeline.engine.attention import DECODE_ATTENTION_ENV
 from mlxbatch.pipeline.engine.batch import INJECT_OOM_ENV
 from mlxbatch.pipeline.engine.errors import ModelLoadError, UnsupportedMlxLm
-from mlxbatch.pipeline.engine.model import PREFILL_STEP, Engine, EngineStats
+from mlxbatch.pipeline.engine.model import Engine, EngineStats
 from mlxbatch.pipeline.engine.runtime import describe_runtime
 
 __all__ = [
     "DECODE_ATTENTION_ENV",
     "INJECT_OOM_ENV",
-    "PREFILL_STEP",
     "Engine",
     "EngineStats",
     "ModelLoadError",

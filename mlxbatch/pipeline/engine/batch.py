@@ -57,11 +57,18 @@ class BatchRun:
         self._feed()
 
     def _feed(self) -> None:
-        """Insert whole groups while few rows wait; a group's prefix is prefilled only now."""
-        while self.queue and len(self.tasks) < self.ahead:
-            group = self.queue.popleft()
+        """Insert whole groups while few rows wait; their prefixes are prefilled only now,
+        together."""
+        groups, waiting = [], len(self.tasks)
+        while self.queue and waiting < self.ahead:
+            groups.append(self.queue.popleft())
+            waiting += len(groups[-1].tasks)
+        prefixed = [g for g in groups if g.prefix]
+        prefix_caches = self.engine.prefill_prefixes([g.prefix for g in prefixed])
+        shared = {id(g): cache for g, cache in zip(prefixed, prefix_caches, strict=True)}
+        for group in groups:
             if group.prefix:
-                caches = [self.engine.prefill_prefix(group.prefix)] * len(group.tasks)
+                caches = [shared[id(group)]] * len(group.tasks)
             else:
                 caches = [self.engine.row_cache() for _ in group.tasks]
             uids = self.gen.insert(

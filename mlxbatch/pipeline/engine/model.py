@@ -26,8 +26,6 @@ from mlxbatch.pipeline.engine.errors import (
 )
 from mlxbatch.records import PrefixGroup, Result, Task
 
-PREFILL_STEP = 2048
-
 
 @dataclass
 class EngineStats:
@@ -215,7 +213,7 @@ class Engine:
 
         eos = self.eos_ids[0] if self.eos_ids else None
         for group in groups:
-            prefix = self.prefill_prefix(group.prefix) if group.prefix else None
+            prefix = self.prefill_prefixes([group.prefix])[0] if group.prefix else None
             for task in group.tasks:
                 if should_stop():
                     return False
@@ -239,6 +237,8 @@ class Engine:
         import mlx.core as mx
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+        from mlxbatch.pipeline.engine.prefix import prefill
+
         cache = make_prompt_cache(self.model)
         if not all(type(c) is KVCache for c in cache):
             raise ValueError("choices need a model with a plain KV cache")
@@ -248,7 +248,7 @@ class Engine:
                 c.state = (p.keys[..., : p.offset, :], p.values[..., : p.offset, :], p.offset)
             start = len(prefix)
         rest = mx.array(prompt[start:-1])[None]
-        self._prefill(rest, cache)
+        prefill(self.model, rest, cache)
         # One row per choice: the prompt's last token, then the choice's tokens.
         width = max(len(s) for s in seqs)
         rows = [[prompt[-1], *s] + [0] * (width - len(s)) for s in seqs]
@@ -284,22 +284,26 @@ class Engine:
 
         return can_share_prefixes(self.model)
 
-    def prefill_prefix(self, prefix: list[int]) -> list[Any]:
-        """A KV cache holding `prefix`, computed once for every row that starts with it."""
+    def prefill_prefixes(self, prefixes: list[list[int]]) -> list[list[Any]]:
+        """A KV cache per prefix, each computed once for every row that starts with it;
+        several prefixes are prefilled together where the model's caches allow (prefix.py)."""
         import mlx.core as mx
 
-        cache = self.row_cache(share_prefix=True)
-        self._prefill(mx.array(prefix)[None], cache)
-        self.stats.prefix_tokens += len(prefix)
-        return cache
+        from mlxbatch.pipeline.engine.cache import RowKVCache
+        from mlxbatch.pipeline.engine.prefix import prefill, prefill_prefixes
 
-    def _prefill(self, ids: Any, cache: list[Any]) -> None:
-        """Run token ids [1, L] into `cache`, PREFILL_STEP tokens at a time."""
-        import mlx.core as mx
-
-        for start in range(0, ids.shape[1], PREFILL_STEP):
-            self.model(ids[:, start : start + PREFILL_STEP], cache=cache)
-            mx.eval([c.state for c in cache])
+        self.stats.prefix_tokens += sum(len(p) for p in prefixes)
+        if all(isinstance(c, RowKVCache) for c in self.row_cache()):
+            return prefill_prefixes(
+                self.model,
+                prefixes,
+                share_prefix=self.shares_prefixes,
+                tokens_per_step=self.prefill_tokens_per_step,
+            )
+        caches = [self.row_cache() for _ in prefixes]
+        for prefix, cache in zip(prefixes, caches, strict=True):
+            prefill(self.model, mx.array([prefix]), cache)
+        return caches
 
 
 def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:
