@@ -7,11 +7,12 @@ strings, and recovery from a failing step (out of memory) by halving the batch d
 rows, where a row that still fails becomes an error record. Ordering and batch sizing are
 decided by the caller (pipeline/plan.py).
 
-- model.py      Engine: load, dtype, memory budget, generate, score choices
+- model.py      Engine: load, dtype, memory budget, generate
 - batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
 - prefix.py     prefix caches: many groups' prefixes prefilled in a few batches
+- score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes, grouped decode steps on CUDA
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports

@@ -1,8 +1,9 @@
 """Engine: a loaded model and tokenizer; generates and scores Tasks.
 
 Loading (dtype, in-memory quantization, the model's identity for result keys), the memory
-budget that batch sizes come from, prefix prefill, scoring of choices, and `generate`, which
-runs BatchRuns and halves the batch on a failing step. Decoding itself is in batch.py.
+budget that batch sizes come from, and `generate`, which runs BatchRuns and halves the batch
+on a failing step. Decoding itself is in batch.py, prefix prefill in prefix.py, choice
+scoring in score.py.
 """
 
 from __future__ import annotations
@@ -202,74 +203,10 @@ class Engine:
         on_error: Callable[[Result], None],
         should_stop: Callable[[], bool] = lambda: False,
     ) -> bool:
-        """Log-probability of each of a task's choices (then end of text) after its prompt.
+        """Log-probability of each of a task's choices after its prompt (see score.py)."""
+        from mlxbatch.pipeline.engine.score import score_choices
 
-        `on_scores(task, logprobs, choice_lengths)` is called per task (`on_error` with an
-        error record for a task that fails, e.g. out of memory). The prompt is
-        prefilled once per task (once per group for a shared prefix) and all choices are
-        scored in one batched forward pass. Returns False if `should_stop` cut it short.
-        """
-        import mlx.core as mx
-
-        eos = self.eos_ids[0] if self.eos_ids else None
-        for group in groups:
-            prefix = self.prefill_prefixes([group.prefix])[0] if group.prefix else None
-            for task in group.tasks:
-                if should_stop():
-                    return False
-                choices = (task.params.constraint or {})["choices"]
-                seqs = [list(self.tokenizer.encode(c, add_special_tokens=False)) for c in choices]
-                ends = [seq + ([eos] if eos is not None else []) for seq in seqs]
-                try:
-                    scores = self._score(task.prompt_ids, group.prefix, prefix, ends)
-                except (RuntimeError, MemoryError, ValueError) as e:
-                    mx.clear_cache()
-                    code = "out_of_memory" if is_oom(e) else "generation_error"
-                    on_error(error_result(task, code, str(e)))
-                    continue
-                self.stats.prompt_tokens += len(task.prompt_ids)
-                on_scores(task, scores, [len(s) for s in seqs])
-        return True
-
-    def _score(
-        self, prompt: list[int], prefix: list[int], prefix_cache: Any, seqs: list[list[int]]
-    ) -> list[float]:
-        import mlx.core as mx
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-        from mlxbatch.pipeline.engine.prefix import prefill
-
-        cache = make_prompt_cache(self.model)
-        if not all(type(c) is KVCache for c in cache):
-            raise ValueError("choices need a model with a plain KV cache")
-        start = 0
-        if prefix_cache is not None:
-            for c, p in zip(cache, prefix_cache, strict=True):
-                c.state = (p.keys[..., : p.offset, :], p.values[..., : p.offset, :], p.offset)
-            start = len(prefix)
-        rest = mx.array(prompt[start:-1])[None]
-        prefill(self.model, rest, cache)
-        # One row per choice: the prompt's last token, then the choice's tokens.
-        width = max(len(s) for s in seqs)
-        rows = [[prompt[-1], *s] + [0] * (width - len(s)) for s in seqs]
-        batch = []
-        for c in cache:
-            keys, values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-            expanded = KVCache()
-            if c.offset:
-                expanded.state = (
-                    mx.repeat(keys, len(seqs), axis=0),
-                    mx.repeat(values, len(seqs), axis=0),
-                    c.offset,
-                )
-            batch.append(expanded)
-        logits = self.model(mx.array(rows), cache=batch).astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        targets = mx.array([s + [0] * (width - len(s)) for s in seqs])[..., None]
-        picked = mx.take_along_axis(logprobs[:, :width, :], targets, axis=-1)[..., 0]
-        valid = mx.array([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs])
-        scores: list[float] = (picked * valid).sum(axis=1).tolist()  # type: ignore[assignment]
-        return scores
+        return score_choices(self, groups, on_scores, on_error, should_stop)
 
     def row_cache(self, share_prefix: bool = False) -> list[Any]:
         """An empty KV cache for one row (see cache.py for how rows' caches merge)."""
