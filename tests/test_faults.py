@@ -25,7 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlxbatch.cli import cli
-from mlxbatch.jobs.store import DISK_FULL_HINT, FAULTS
+from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.store import DISK_FULL_HINT
 from mlxbatch.schemas import load_schema
 from tests.conftest import read_jsonl, write_jsonl
 

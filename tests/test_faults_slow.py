@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlxbatch.cli import cli
-from mlxbatch.jobs.store import DISK_FULL_HINT, FAULTS
+from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.store import DISK_FULL_HINT
 from tests.conftest import write_jsonl
 from tests.test_faults import (
     BATCH,

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
 from typing import Any
 
-from mlxbatch.jobs.store import FAULTS, ExportRow, Store
+from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.store import ExportRow, Store
 from mlxbatch.records import SourceRow
 
 PARQUET_CHUNK = 8192
