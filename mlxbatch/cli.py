@@ -12,9 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import os
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -173,101 +171,14 @@ def _store_for(path: str, store: str | None) -> str:
 @_handle_input_problems
 def status(output: str, store: str | None, as_json: bool) -> None:
     """Show rows done / failed / pending and the last run of OUTPUT's store."""
-    from mlxbatch.jobs.store import Store
+    from mlxbatch.jobs.status import read_status, status_lines
 
-    path = _store_for(output, store)
-    db = Store(path, create=False)
-    try:
-        counts, run, results = db.counts(), db.last_run(), db.result_counts()
-        before = db.run_before(run["run_id"]) if run else None
-    finally:
-        db.close()
-    changed = _changed_settings(before, run) if run and before else {}
-    prov = run.pop("provenance", None) if run else None
-    if run:
-        run["state"] = _run_state(run)
+    report = read_status(_store_for(output, store))
     if as_json:
-        data = {"store": path, **counts, "results": results, "last_run": run, "changed": changed}
-        click.echo(json.dumps({**data, "provenance": prov}, indent=2, default=str))
+        click.echo(json.dumps(report, indent=2, default=str))
         return
-    click.echo(f"store: {path}")
-    click.echo(
-        f"rows: {counts['rows']} total, {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['pending']} pending"
-    )
-    click.echo(f"tokens: {counts['prompt_tokens']} prompt, {counts['completion_tokens']} generated")
-    if run:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
-        stats = run["stats"]
-        state = run["state"]
-        if state == "died":
-            state = "did not finish (killed or crashed; run the same command again to resume)"
-        click.echo(f"last run: #{run['run_id']} {state}, started {when}, pid {run['pid']}")
-        click.echo(f"model: {run['model']} ({run['model_identity']})")
-        if stats:
-            click.echo(
-                f"throughput: {stats['tokens_per_second']:.1f} generated tok/s over "
-                f"{stats['wall']:.1f} s; peak memory {stats['peak_memory'] / 2**20:.0f} MiB"
-            )
-        if prov:
-            from mlxbatch.jobs.provenance import manifest_path, summary_lines
-
-            click.echo(f"provenance: {manifest_path(run['output'])}")
-            for line in summary_lines(prov):
-                click.echo(f"  {line}")
-    other = (
-        f", {results['other']} from other settings or rows (not used; --fresh drops them)"
-        if results["other"]
-        else ""
-    )
-    click.echo(f"results: {results['current']} for these rows and settings{other}")
-    if changed and before:
-        diffs = ", ".join(
-            f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changed.items()
-        )
-        click.echo(f"settings changed since run #{before['run_id']}: {diffs}")
-
-
-# Settings that go into result keys (or choose the rows); a change means new results.
-RESULT_SETTINGS = (
-    "input",
-    "model",
-    "adapter_path",
-    "dtype",
-    "template",
-    "system",
-    "chat_template",
-    "input_format",
-    "id_field",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "n",
-)
-
-
-def _changed_settings(before: dict, run: dict) -> dict[str, tuple[Any, Any]]:
-    """Settings of `run` that differ from the run before it: name -> (old, new)."""
-    old, new = before["spec"], run["spec"]
-    changed = {k: (old.get(k), new.get(k)) for k in RESULT_SETTINGS if old.get(k) != new.get(k)}
-    if before["model_identity"] != run["model_identity"] and "model" not in changed:
-        changed["model_identity"] = (before["model_identity"], run["model_identity"])
-    return changed
-
-
-def _run_state(run: dict) -> str:
-    """The run's status, or 'died' for a run marked running whose process is gone."""
-    if run["status"] != "running":
-        return str(run["status"])
-    try:
-        os.kill(int(run["pid"]), 0)
-    except ProcessLookupError:
-        return "died"
-    except (PermissionError, ValueError, TypeError):
-        pass
-    return "running"
+    for line in status_lines(report):
+        click.echo(line)
 
 
 @cli.command()
