@@ -41,13 +41,14 @@ def shared_head(backend: Any, texts: list[str]) -> int:
     common = os.path.commonprefix(texts)
     if len(common) < MIN_SHARED_CHARS:
         return 0
-    ends = [common.rfind(t) + len(t) for t in splitting_tokens(backend) if t in common]
+    ends = [common.rfind(t) + len(t) for t in splitting_tokens(backend, within=common)]
     cut = max(ends, default=0)
     return cut if cut >= MIN_SHARED_CHARS else 0
 
 
-def splitting_tokens(backend: Any) -> list[str]:
-    """Added tokens that split any text they occur in, whatever follows them.
+def splitting_tokens(backend: Any, within: str | None = None) -> list[str]:
+    """Added tokens (those occurring in `within`, when given) that split any text they occur
+    in, whatever follows them.
 
     They are matched in the raw text (not normalized), keep the whitespace next to them and
     need no word boundary; and no other such token contains one, since the longest match
@@ -55,9 +56,12 @@ def splitting_tokens(backend: Any) -> list[str]:
     """
     added = list(backend.get_added_tokens_decoder().values())
     raw = [t.content for t in added if not t.normalized]
+    # Only the few tokens found in the text are checked against all others: tokenizers with
+    # thousands of reserved tokens would otherwise cost a quadratic scan per window.
+    found = [t for t in added if within is None or t.content in within]
     return [
         t.content
-        for t in added
+        for t in found
         if not (t.normalized or t.rstrip or t.lstrip or t.single_word)
         and not any(t.content in other and t.content != other for other in raw)
     ]
