@@ -70,13 +70,11 @@ def _prefill_batch(model: Any, prefixes: list[list[int]], share_prefix: bool) ->
     prefill(model, mx.array([p + [0] * (width - len(p)) for p in prefixes]), batch)
     for c in batch:
         c.finalize()
-    rows = []
+    rows: list[list[Any]] = []
     for i in range(len(prefixes)):
-        row = []
-        for layer in batch:
-            cut, cache = layer.extract(i), RowKVCache(share_prefix)
-            cache.keys, cache.values, cache.offset = cut.keys, cut.values, cut.offset
-            row.append(cache)
+        row = [RowKVCache(share_prefix) for _ in batch]
+        for layer, cache in zip(batch, row, strict=True):
+            cache.state = layer.extract(i).state
         rows.append(row)
     # Each prefix gets its own copy now, so the batch's arrays are freed.
     mx.eval([c.state for row in rows for c in row])
