@@ -466,20 +466,26 @@ def test_row_values_are_data_not_template_code():
 def test_trust_remote_code_is_off_unless_flagged(tmp_path, tiny_model, monkeypatch, flag, expected):
     import mlx_lm.utils
 
-    calls = []
-    real_load = mlx_lm.utils.load
+    calls: dict[str, list] = {"load_model": [], "load_tokenizer": []}
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_load(*args, **kwargs)
+    def spy(name):
+        real = getattr(mlx_lm.utils, name)
 
-    monkeypatch.setattr(mlx_lm.utils, "load", spy)
+        def call(*args, **kwargs):
+            calls[name].append((args, kwargs))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(mlx_lm.utils, name, spy(name))
     inp = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     result = invoke("process", str(inp), "-m", tiny_model, "--max-tokens", "2", "-q", *flag)
     assert result.exit_code == 0, result.output
-    assert len(calls) == 1
-    assert calls[0]["trust_remote_code"] is expected
-    assert calls[0]["tokenizer_config"]["trust_remote_code"] is expected
+    [(_, model_kwargs)] = calls["load_model"]
+    [((_, tokenizer_config), _)] = calls["load_tokenizer"]
+    assert model_kwargs["trust_remote_code"] is expected
+    assert tokenizer_config["trust_remote_code"] is expected
 
 
 def test_row_values_are_never_used_as_paths(tmp_path, tiny_model):

@@ -1,4 +1,5 @@
-"""Prefix caches: many prefixes prefilled in padded batches equal prefixes prefilled alone."""
+"""Prefix caches: many prefixes prefilled in padded batches equal prefixes prefilled alone;
+rows after a prefix prefilled in batches of similar length generate what mlx-lm generates."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
-from mlxbatch.pipeline.engine.cache import RowKVCache, row_cache
-from mlxbatch.pipeline.engine.prefix import _batches, prefill, prefill_prefixes
+from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.prefix import _batches, prefill, prefill_prefixes, prefill_rows
 from tests.conftest import WORDS, read_jsonl, write_jsonl
 from tests.test_cli_process import process
+from tests.test_row_cache import _generate, _prefilled
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,8 @@ def test_batches_pad_to_the_longest_row_within_the_token_budget():
     assert list(_batches([5, 12, 3, 12, 30], 40)) == [[2, 0, 1], [3], [4]]
     assert list(_batches([50], 40)) == [[0]]  # a row longer than the budget runs alone
     assert list(_batches([], 40)) == []
+    # Rows after a shared prefix also close a batch once padding passes a share of its tokens.
+    assert list(_batches([10, 11, 12, 30, 31, 100], 1000, 0.125)) == [[0, 1, 2], [3, 4], [5]]
 
 
 def test_batched_prefixes_hold_the_keys_of_prefixes_prefilled_alone(model):
@@ -56,6 +60,64 @@ def test_many_prefix_groups_give_the_greedy_output_of_no_reuse(tmp_path, tiny_mo
         o = tmp_path / f"{flag}.jsonl"
         args = [str(f), "-m", tiny_model, "--max-tokens", "6", "-o", str(o), flag]
         assert process(*args).exit_code == 0
+        outs[flag] = read_jsonl(o)
+    assert outs["--prefix-cache"] == outs["--no-prefix-cache"]
+    assert len({r["output"] for r in outs["--prefix-cache"]}) > 1
+
+
+PREFIX = [5, 9, 14, 3, 22, 40, 41]
+# Own tokens of very different lengths, one of a single token (nothing to prefill but the
+# first-token pass), in length order as plan.py hands them over.
+SUFFIXES = [[7], [8, 11], [50, 51, 52], [30, 31, 32, 33, 34, 35], [60 + i for i in range(14)]]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_rows_prefilled_in_length_batches_generate_the_tokens_of_whole_prompts(model, share_prefix):
+    theirs = _generate(model, [PREFIX + s for s in SUFFIXES])
+    prefix = _prefilled(model, PREFIX, share_prefix=share_prefix)
+    # A budget of 12 tokens a step: the rows go in several batches.
+    rows = prefill_rows(model, prefix, [s[:-1] for s in SUFFIXES], tokens_per_step=12)
+    assert len({id(r[0].batch) for r in rows}) == 1
+    ours = _generate(model, [s[-1:] for s in SUFFIXES], caches=rows, prefill=len(rows))
+    assert ours == theirs
+
+
+def test_prefilled_rows_merge_back_without_a_copy_and_mix_with_other_rows(model):
+    prefix = _prefilled(model, PREFIX, share_prefix=True)
+    rows = prefill_rows(model, prefix, [s[:-1] for s in SUFFIXES], tokens_per_step=12)
+    stacked = rows[0][0].batch
+    assert PrefilledRow.merge([r[0] for r in rows]) is stacked
+    # Some rows only, out of order: a new cache of those rows; the stacked one is unchanged.
+    picked = PrefilledRow.merge([rows[4][0], rows[1][0]])
+    assert picked is not stacked and stacked.keys.shape[0] == len(SUFFIXES)
+    for ours, row in zip((0, 1), (4, 1), strict=True):
+        assert mx.array_equal(picked.keys[ours], stacked.keys[row]).item()
+        assert picked.offset[ours].item() == stacked.offset[row].item()
+    # A row of another group in the same merge: the rows are joined as mlx-lm joins batches.
+    other = _prefilled(model, [70, 71, 72])
+    mixed = RowKVCache.merge([other[0], rows[1][0], rows[2][0]])
+    assert isinstance(mixed, RowBatchKVCache) and mixed.offset.tolist() == [
+        3,
+        len(PREFIX) + 1,
+        len(PREFIX) + 2,
+    ]
+
+
+def test_a_group_larger_than_a_decode_batch_reuses_its_prefix_batch_after_batch(
+    tmp_path, tiny_model
+):
+    system = " ".join(WORDS[:40])
+    rows = [
+        {"id": i, "messages": [{"role": "system", "content": system},
+                               {"role": "user", "content": " ".join(WORDS[i : i + 1 + i % 5])}]}
+        for i in range(11)
+    ]  # fmt: skip
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    outs = {}
+    for flag in ("--prefix-cache", "--no-prefix-cache"):
+        o = tmp_path / f"{flag}.jsonl"
+        args = [str(f), "-m", tiny_model, "--max-tokens", "5", "--batch-size", "4", "-o", str(o)]
+        assert process(*args, flag, "--repetition-penalty", "1.5").exit_code == 0
         outs[flag] = read_jsonl(o)
     assert outs["--prefix-cache"] == outs["--no-prefix-cache"]
     assert len({r["output"] for r in outs["--prefix-cache"]}) > 1

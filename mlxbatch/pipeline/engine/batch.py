@@ -50,6 +50,8 @@ class BatchRun:
         # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
         # handful of prefix caches are alive at once.
         self.ahead = 2 * completion
+        self.completion = completion
+        self.prefixes: dict[int, list[Any]] = {}
         self.tasks: dict[int, Task] = {}
         self.tokens: dict[int, list[int]] = {}
         self.logprobs: dict[int, list[dict]] = {}
@@ -57,24 +59,40 @@ class BatchRun:
         self._feed()
 
     def _feed(self) -> None:
-        """Insert whole groups while few rows wait; their prefixes are prefilled only now,
-        together."""
+        """Insert groups while few rows wait. Prefixes are prefilled only now, together, and
+        rows after a prefix here too, a decode batch at a time (Engine.prefill_rows)."""
         groups, waiting = [], len(self.tasks)
         while self.queue and waiting < self.ahead:
-            groups.append(self.queue.popleft())
-            waiting += len(groups[-1].tasks)
-        prefixed = [g for g in groups if g.prefix]
-        prefix_caches = self.engine.prefill_prefixes([g.prefix for g in prefixed])
-        shared = {id(g): cache for g, cache in zip(prefixed, prefix_caches, strict=True)}
+            group = self.queue.popleft()
+            if group.prefix and len(group.tasks) > self.completion:
+                rest = PrefixGroup(group.prefix, group.tasks[self.completion :])
+                self.queue.appendleft(rest)
+                group = PrefixGroup(group.prefix, group.tasks[: self.completion])
+            groups.append(group)
+            waiting += len(group.tasks)
+        # A prefix cache serves every part of its group: keyed by the prefix list's identity.
+        new = {id(g.prefix): g.prefix for g in groups if g.prefix}
+        new = {k: prefix for k, prefix in new.items() if k not in self.prefixes}
+        for key, cache in zip(new, self.engine.prefill_prefixes(list(new.values())), strict=True):
+            self.prefixes[key] = cache
         for group in groups:
+            n = len(group.prefix)
+            prompts = [t.prompt_ids[n:] for t in group.tasks]
+            caches, history = None, None
             if group.prefix:
-                caches = [shared[id(group)]] * len(group.tasks)
-            else:
-                caches = [self.engine.row_cache() for _ in group.tasks]
+                shared = self.prefixes[id(group.prefix)]
+                history = [p[:-1] for p in prompts]
+                caches = self.engine.prefill_rows(shared, history)
+                if caches is None:
+                    caches, history = [shared] * len(prompts), None
+                else:
+                    prompts = [p[-1:] for p in prompts]
             uids = self.gen.insert(
-                [t.prompt_ids[len(group.prefix) :] for t in group.tasks],
+                prompts,
                 max_tokens=[t.params.max_tokens for t in group.tasks],
-                caches=caches,
+                caches=caches or [self.engine.row_cache() for _ in group.tasks],
+                # The prefilled tokens, for logits processors that look back (repetition).
+                all_tokens=history,
                 # One shared sampler once any row samples: mlx-lm then calls it once per step.
                 samplers=[self.sampler if self.sampling else None] * len(group.tasks),
                 logits_processors=[row_processors(t, self.masks) for t in group.tasks],
@@ -87,6 +105,9 @@ class BatchRun:
                     self.logprobs[uid] = []
                 if task.params.stop:
                     self.stops[uid] = _StopWatch(task.params.stop, self.engine.tokenizer)
+        # Only the rest of a group cut at a decode batch still needs its prefix cache.
+        needed = id(self.queue[0].prefix) if self.queue else None
+        self.prefixes = {k: v for k, v in self.prefixes.items() if k == needed}
 
     def drive(self, should_stop: Callable[[], bool]) -> bool:
         while self.tasks or self.queue:
@@ -101,7 +122,8 @@ class BatchRun:
                 raise RuntimeError(f"generation stalled with {len(self.tasks)} rows unfinished")
             for r in responses:
                 if r.finish_reason != "stop" and r.uid in self.logprobs:
-                    self.logprobs[r.uid].append(self._token_logprobs(r.uid, r.token, r.logprobs))
+                    entry = self._token_logprobs(r.uid, r.token, r.logprobs.value())
+                    self.logprobs[r.uid].append(entry)
                 self._advance(r.uid, r.token, r.finish_reason)
         return True
 

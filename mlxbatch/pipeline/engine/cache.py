@@ -46,6 +46,19 @@ class RowBatchKVCache(BatchKVCache):
 
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
+        """One batch cache of rows' caches: RowKVCaches and PrefilledRows, in any mix (a
+        batch may take rows of several groups); runs of each kind merge on their own."""
+        parts = [
+            cls._merge_rows(list(run)) if batch is None else batch.pick([r.row for r in run])
+            for batch, run in itertools.groupby(caches, key=lambda c: getattr(c, "batch", None))
+        ]
+        merged = parts[0]
+        for part in parts[1:]:
+            merged.extend(part)
+        return merged
+
+    @classmethod
+    def _merge_rows(cls, caches: list[Any]) -> Any:
         first = caches[0]
         if all(c.keys is None for c in caches):
             return cls([0] * len(caches))  # mlx-lm's own merge returns its base class here
@@ -127,6 +140,40 @@ class RowBatchKVCache(BatchKVCache):
         start = self._left_padding_list()[idx] if self.keys is not None else 0
         return _CutRow(self.keys, self.values, idx, start, self._idx, self.prefix)
 
+    def pick(self, picked: list[int]) -> RowBatchKVCache:
+        """This cache if `picked` is all of its rows in order, else a new cache of those rows
+        (this one unchanged, for the rows picked later)."""
+        if picked == list(range(self.left_padding.shape[0])):
+            return self
+        index = mx.array(picked)
+        cache = RowBatchKVCache([0] * len(picked))
+        if self.keys is not None:
+            cache.keys, cache.values = self.keys[index], self.values[index]
+        cache.offset, cache.left_padding = self.offset[index], self.left_padding[index]
+        cache._idx, cache.prefix, cache.prefix_id = self._idx, self.prefix, self.prefix_id
+        return cache
+
+    @classmethod
+    def stack(cls, batches: list[RowBatchKVCache]) -> RowBatchKVCache:
+        """One cache of the batches' rows, in order: each right-aligned at the longest, as
+        mlx-lm's `extend` does, but in one copy rather than one per batch."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        idx = max(b._idx for b in batches)
+        cache = cls([0] * sum(b.left_padding.shape[0] for b in batches))
+        cache._idx, cache.prefix, cache.prefix_id = idx, first.prefix, first.prefix_id
+        cache.offset = mx.concatenate([b.offset for b in batches])
+        cache.left_padding = mx.concatenate([b.left_padding + idx - b._idx for b in batches])
+        filled = [b for b in batches if b.keys is not None]
+        if filled:
+            like_k, like_v = filled[0].keys, filled[0].values
+            cache.keys = mx.concatenate([_right_aligned(b, b.keys, like_k, idx) for b in batches])
+            cache.values = mx.concatenate(
+                [_right_aligned(b, b.values, like_v, idx) for b in batches]
+            )
+        return cache
+
     def _left_padding_list(self) -> list[int]:
         # Every other change to left_padding binds a new array, so its identity tells.
         memo = self._padding
@@ -164,6 +211,24 @@ class _CutRow(KVCache):
         self.keys, self.values = keys, values
         self.offset = 0 if keys is None else keys.shape[2]
         return getattr(self, name)
+
+
+class PrefilledRow:
+    """One row of a batch cache whose rows were prefilled together (prefix.prefill_rows).
+
+    mlx-lm merges the per-row caches it is given; rows handed over in the batch's own order
+    merge back into that batch without a copy, any other selection is gathered from it
+    (RowBatchKVCache.merge, pick).
+    """
+
+    nbytes = 0  # counted once, in the batch cache
+
+    def __init__(self, batch: RowBatchKVCache, row: int):
+        self.batch, self.row = batch, row
+
+    @classmethod
+    def merge(cls, caches: list[Any]) -> Any:
+        return RowBatchKVCache.merge(caches)
 
 
 class RowKVCache(KVCache):
@@ -212,6 +277,16 @@ def row_cache(model: Any, share_prefix: bool = False) -> list[Any]:
     if all(type(c) is KVCache for c in cache):
         return [RowKVCache(share_prefix) for _ in cache]
     return cache
+
+
+def _right_aligned(batch: RowBatchKVCache, x: Any, like: Any, length: int) -> Any:
+    """A batch's keys or values [B, H, _idx, D], padded on the left to `length` positions."""
+    rows = batch.left_padding.shape[0]
+    if x is None:
+        return mx.zeros((rows, like.shape[1], length, like.shape[3]), like.dtype)
+    x = x[..., : batch._idx, :]
+    pad = length - batch._idx
+    return mx.pad(x, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else x
 
 
 def _after_prefix(prefix: Any, rows: Any) -> Any:

@@ -36,10 +36,6 @@ class EngineStats:
     peak_memory: int = 0
 
 
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
-
-
 class Engine:
     """A loaded model and tokenizer, ready to generate batches of Tasks."""
 
@@ -52,45 +48,46 @@ class Engine:
         quantize: int | None = None,
         trust_remote_code: bool = False,
     ):
-        import mlx.core as mx
-        from mlx_lm.utils import load
+        from mlx_lm.utils import _download, load_config, load_tokenizer
+
+        from mlxbatch.pipeline.engine.load import WeightsLoader
 
         self.model_name = model
         try:
-            self.model, self.tokenizer, self.config = load(
-                model,
+            path = _download(model)
+            # The weights load on a worker thread while the tokenizer loads and prompts render.
+            self._weights = WeightsLoader(
+                path,
+                name=model,
                 adapter_path=adapter_path,
-                return_config=True,
-                tokenizer_config={"trust_remote_code": trust_remote_code},
+                dtype=dtype,
+                quantize=quantize,
                 trust_remote_code=trust_remote_code,
             )
+            self.tokenizer = load_tokenizer(
+                path,
+                {"trust_remote_code": trust_remote_code},
+                eos_token_ids=load_config(path).get("eos_token_id"),
+            )
+        except ModelLoadError:
+            raise
         except Exception as e:  # hub, file-system and format errors all surface here
             raise ModelLoadError(_load_hint(model, e)) from None
-        self.dtype = self._apply_dtype(dtype, mx)
-        if quantize:
-            self._quantize(quantize)
+        self.config = self._weights.config
+        self.dtype = self._weights.dtype
         self.identity = _model_identity(model, adapter_path, self.dtype, self.config)
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
 
-    def _apply_dtype(self, dtype: str, mx: Any) -> str:
-        from mlx.utils import tree_flatten
-
-        if dtype == "auto" and mx.default_device() == mx.cpu:
-            dtype = "float32"  # bfloat16/float16 matmul is many times slower than float32 on CPU
-        if dtype != "auto":
-            self.model.set_dtype(getattr(mx, dtype))
-        params = tree_flatten(self.model.parameters())
-        floats = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
-        return _dtype_name(floats[0]) if floats else "unknown"
-
-    def _quantize(self, bits: int) -> None:
-        from mlx_lm.utils import quantize_model
-
-        if "quantization" in self.config:
-            raise ModelLoadError(f"{self.model_name} is already quantized; drop --quantize")
-        # In memory only: the original weights on disk stay as they are.
-        self.model, self.config = quantize_model(self.model, self.config, 64, bits)
+    @functools.cached_property
+    def model(self) -> Any:
+        """The model, waiting for its weights to finish loading the first time."""
+        try:
+            return self._weights.model()
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(_load_hint(self.model_name, e)) from None
 
     @property
     def context_length(self) -> int | None:
@@ -163,13 +160,18 @@ class Engine:
         """
         import mlx.core as mx
 
+        from mlxbatch.pipeline.engine.decode import row_logprobs
+
         size = completion_batch_size
         while groups := [g for g in groups if g.tasks]:
             run = None
             try:
-                run = BatchRun(self, groups, size, min(prefill_batch_size, size), on_result, masks)
-                with batch_attention(self.model):
-                    return run.drive(should_stop)
+                with row_logprobs():
+                    run = BatchRun(
+                        self, groups, size, min(prefill_batch_size, size), on_result, masks
+                    )
+                    with batch_attention(self.model):
+                        return run.drive(should_stop)
             except UnsupportedMlxLm:
                 raise  # not a failing step: retrying smaller batches would not help
             except (RuntimeError, MemoryError, ValueError) as e:
@@ -241,6 +243,18 @@ class Engine:
         for prefix, cache in zip(prefixes, caches, strict=True):
             prefill(self.model, mx.array([prefix]), cache)
         return caches
+
+    def prefill_rows(self, prefix: list[Any], suffixes: list[list[int]]) -> list[Any] | None:
+        """Each row's cache after its own tokens past `prefix` (a prefix cache), prefilled
+        in batches of similar length (prefix.py); None where the caches are not plain KV."""
+        from mlxbatch.pipeline.engine.cache import RowKVCache
+        from mlxbatch.pipeline.engine.prefix import prefill_rows
+
+        if not all(isinstance(c, RowKVCache) for c in prefix):
+            return None
+        return prefill_rows(
+            self.model, prefix, suffixes, tokens_per_step=self.prefill_tokens_per_step
+        )
 
 
 def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -> str:

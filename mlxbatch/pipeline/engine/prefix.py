@@ -16,9 +16,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxbatch.pipeline.engine.cache import RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVCache, row_cache
 
 PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's prompt processing
+# A batch of rows to prefill after a shared prefix closes when its padding would pass this
+# share of its tokens: one batch of 512 labelling rows was padded to ~1.6x its real tokens.
+MAX_PADDING = 0.125
 
 
 def prefill(model: Any, ids: Any, cache: list[Any]) -> None:
@@ -47,29 +50,58 @@ def prefill_prefixes(
     return caches
 
 
-def _batches(lengths: list[int], tokens_per_step: int) -> Iterator[list[int]]:
+def _batches(
+    lengths: list[int], tokens_per_step: int, max_padding: float = 1.0
+) -> Iterator[list[int]]:
     """Indices of `lengths`, shortest first, in batches of at most `tokens_per_step` padded
-    tokens (one row at least)."""
+    tokens (one row at least) whose padding stays within `max_padding` of their tokens."""
     batch: list[int] = []
+    real = 0
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         # Sorted, so the newest row is the longest: the batch pads every row to it.
-        if batch and (len(batch) + 1) * lengths[i] > tokens_per_step:
+        padded = (len(batch) + 1) * lengths[i]
+        too_padded = padded - real - lengths[i] > max_padding * (real + lengths[i])
+        if batch and (padded > tokens_per_step or too_padded):
             yield batch
-            batch = []
+            batch, real = [], 0
         batch.append(i)
+        real += lengths[i]
     if batch:
         yield batch
 
 
+def prefill_rows(
+    model: Any, prefix: list[Any], suffixes: list[list[int]], *, tokens_per_step: int
+) -> list[list[PrefilledRow]]:
+    """Prefill rows that continue one prefix cache, in batches of similar length.
+
+    Returns each row's per-layer cache handles, which mlx-lm's merge turns back into one
+    batch cache (cache.PrefilledRow). mlx-lm would prefill them as one batch padded to the
+    longest row; here each batch pads only to its own longest.
+    """
+    from mlxbatch.pipeline.engine.attention import batch_attention
+
+    lengths = [len(s) for s in suffixes]
+    parts: list[tuple[list[int], list[Any]]] = []
+    # A prefix held once is added back by batch_attention's attention (cache.py).
+    with batch_attention(model):
+        for batch in _batches(lengths, tokens_per_step, MAX_PADDING):
+            layers = [c.merge([c] * len(batch)) for c in prefix]
+            _prefill_padded(model, layers, [suffixes[i] for i in batch])
+            parts.append((batch, layers))
+    # Rows in the order given: batches are in length order, so put them back.
+    order = [i for batch, _ in parts for i in batch]
+    stacked = [RowBatchKVCache.stack([p[k] for _, p in parts]) for k in range(len(prefix))]
+    mx.eval([c.state for c in stacked])
+    handles: list[list[PrefilledRow]] = [[] for _ in suffixes]
+    for position, i in enumerate(order):
+        handles[i] = [PrefilledRow(layer, position) for layer in stacked]
+    return handles
+
+
 def _prefill_batch(model: Any, prefixes: list[list[int]], share_prefix: bool) -> list[list[Any]]:
-    lengths = [len(p) for p in prefixes]
-    width = max(lengths)
     batch = [RowBatchKVCache([0] * len(prefixes)) for _ in row_cache(model)]
-    for c in batch:
-        c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
-    prefill(model, mx.array([p + [0] * (width - len(p)) for p in prefixes]), batch)
-    for c in batch:
-        c.finalize()
+    _prefill_padded(model, batch, prefixes)
     rows: list[list[Any]] = []
     for i in range(len(prefixes)):
         row = [RowKVCache(share_prefix) for _ in batch]
@@ -79,3 +111,17 @@ def _prefill_batch(model: Any, prefixes: list[list[int]], share_prefix: bool) ->
     # Each prefix gets its own copy now, so the batch's arrays are freed.
     mx.eval([c.state for row in rows for c in row])
     return rows
+
+
+def _prefill_padded(model: Any, layers: list[Any], rows: list[list[int]]) -> None:
+    """Prefill `rows` into the batch caches `layers`, right-padded to the longest row (these
+    steps get a causal mask, cache.py), then move each row's padding to the left."""
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    if not width:
+        return
+    for c in layers:
+        c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
+    prefill(model, mx.array([r + [0] * (width - len(r)) for r in rows]), layers)
+    for c in layers:
+        c.finalize()

@@ -1,0 +1,123 @@
+"""`python -m benchmarks.timeline`: where one mlxbatch run's wall time goes, phase by phase.
+
+What it does: builds or reuses the benchmark model and workload (as benchmarks.run does), runs
+mlxbatch once to warm up, then once more with the pipeline's stage functions wrapped in timers
+that synchronize the device when the stage returns, so GPU work is charged to the stage that
+queued it. Prints each stage's calls and seconds and what is left of the wall clock.
+
+What it does not do: compare contenders (benchmarks.run) or time anything it does not wrap;
+the synchronizing timers make the run itself a little slower than an untimed one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.models import BENCH_DIR, model_dir
+from benchmarks.run import _token_counter
+from benchmarks.workloads import WORKLOADS, make_workload, write_subset
+
+# (module, attribute path, label): stages in the order they first run.
+STAGES = (
+    ("mlxbatch.jobs.runner", "check_inputs", "check inputs"),
+    ("mlxbatch.pipeline.engine.model", "Engine.__init__", "load model"),
+    ("mlxbatch.jobs.windows", "render_tasks", "render + tokenize"),
+    ("mlxbatch.jobs.runner", "_pending", "store lookups"),
+    ("mlxbatch.pipeline.plan", "group_by_prefix", "group by prefix"),
+    ("mlxbatch.pipeline.engine.model", "Engine.prefill_prefixes", "prefill prefixes"),
+    ("mlxbatch.pipeline.engine.batch", "BatchRun.__init__", "batch setup"),
+    ("mlx_lm.generate", "PromptProcessingBatch.prompt", "prefill rows"),
+    ("mlx_lm.generate", "GenerationBatch.__init__", "first-token pass"),
+    ("mlx_lm.generate", "GenerationBatch.next", "decode steps"),
+    ("mlxbatch.pipeline.engine.batch", "BatchRun._finish", "finish rows"),
+    ("mlxbatch.jobs.store", "Store.put_results", "store results"),
+    ("mlxbatch.jobs.runner", "export_outputs", "export"),
+)
+
+
+@contextlib.contextmanager
+def timed_stages() -> Iterator[dict[str, list[float]]]:
+    """Wrap every stage in STAGES with a synchronizing timer; yields label -> [calls, s]."""
+    import importlib
+
+    import mlx.core as mx
+
+    totals: dict[str, list[float]] = {label: [0, 0.0] for _, _, label in STAGES}
+    undo = []
+    for module_name, path, label in STAGES:
+        owner: Any = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        original = getattr(owner, name)
+
+        def wrapper(*args: Any, __f: Any = original, __label: str = label, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return __f(*args, **kw)
+            finally:
+                mx.synchronize()
+                totals[__label][0] += 1
+                totals[__label][1] += time.perf_counter() - t0
+
+        setattr(owner, name, functools.wraps(original)(wrapper))
+        undo.append((owner, name, original))
+    try:
+        yield totals
+    finally:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
+    p.add_argument("--workload", choices=WORKLOADS, default="labelling")
+    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    p.add_argument("--rows", type=int)
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
+    args = p.parse_args(argv)
+    import mlx.core as mx
+
+    from mlxbatch.jobs.runner import run_job
+    from mlxbatch.jobs.spec import JobSpec
+
+    gpu = mx.default_device() == mx.gpu
+    model = str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    wl = make_workload(
+        args.workload,
+        BENCH_DIR / "data",
+        rows=args.rows,
+        max_tokens=None,
+        count_tokens=_token_counter(model),
+        default_rows=512 if gpu else 64,
+    )
+    with tempfile.TemporaryDirectory(prefix="mlxbatch-timeline-") as tmp:
+        common = dict(model=model, quiet=True, fresh=True, prefix_cache=not args.no_prefix_cache)
+        warm_in = write_subset(wl, wl.rows if gpu else 8, Path(tmp))
+        run_job(JobSpec(input=str(warm_in), output=f"{tmp}/warm.jsonl", **common,
+                        **wl.spec_kwargs()))  # fmt: skip
+        for _ in range(args.repeat):
+            spec = JobSpec(input=str(wl.path), output=f"{tmp}/out.jsonl", **common,
+                           **wl.spec_kwargs())  # fmt: skip
+            with timed_stages() as totals:
+                t0 = time.perf_counter()
+                summary = run_job(spec)
+                wall = time.perf_counter() - t0
+            reuse = "off" if args.no_prefix_cache else "on"
+            print(f"\n{wl.name}, prefix reuse {reuse}: wall {wall:.3f} s, {summary.ok} rows, "
+                  f"{summary.generated_tokens} tokens")  # fmt: skip
+            for label, (calls, seconds) in totals.items():
+                if calls:
+                    print(f"  {label:<18} {int(calls):>6} calls {seconds:8.3f} s")
+
+
+if __name__ == "__main__":
+    main()

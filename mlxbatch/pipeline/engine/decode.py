@@ -1,0 +1,101 @@
+"""mlx-lm's decode step, less its per-row split of the log-probabilities.
+
+`GenerationBatch._step` turns each step's [rows, vocab] log-probabilities into one array per
+row (`list(logprobs)`) and evaluates them all: ~5 ms of a 23 ms step on an H100 with 512 rows,
+paid whether or not any row asks for logprobs. `RowLogprobsBatch` keeps the one array and
+hands each row a `RowLogprobs` (the array and the row's index), sliced only by the rows that
+report logprobs (batch.py). Everything else is mlx-lm's step, line for line; it is swapped in
+by module-global name while a run generates, like attention.py, and pinned by mlx-lm<0.33.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+# The module, not mlx_lm's `generate` function of the same name.
+generate: Any = importlib.import_module("mlx_lm.generate")
+GenerationBatch: Any = generate.GenerationBatch
+
+
+class RowLogprobs(NamedTuple):
+    """One row of a step's log-probabilities: `batch[row]`, not sliced until `value()`."""
+
+    batch: Any
+    row: int
+
+    def value(self) -> Any:
+        return self.batch[self.row]
+
+
+@contextlib.contextmanager
+def row_logprobs() -> Iterator[None]:
+    """While the block runs, mlx-lm's batches decode with RowLogprobsBatch."""
+    generate.GenerationBatch = RowLogprobsBatch
+    try:
+        yield
+    finally:
+        generate.GenerationBatch = GenerationBatch
+
+
+class RowLogprobsBatch(GenerationBatch):
+    """A GenerationBatch whose rows' logprobs are RowLogprobs of one array per step."""
+
+    # Set by GenerationBatch; declared for the type checker, which cannot see into mlx-lm.
+    _next_tokens: Any
+    _next_logprobs: list[RowLogprobs]
+
+    def _step(self) -> tuple[list[int], list[Any]]:
+        self._current_tokens = self._next_tokens
+        self._current_logprobs = self._next_logprobs
+        inputs = self._current_tokens
+
+        logits = self.model(inputs[:, None], cache=self.prompt_cache)
+        logits = logits[:, -1, :]
+
+        token_context = []
+        if any(self.logits_processors):
+            processed_logits = []
+            for e in range(len(self.uids)):
+                sample_logits = logits[e : e + 1]
+                processors = self.logits_processors[e] or ()
+                if processors:
+                    context = self._token_context[e].update_and_fetch(inputs[e : e + 1])
+                    token_context.append(context)
+                    for processor in processors:
+                        sample_logits = processor(context, sample_logits)
+                processed_logits.append(sample_logits)
+            logits = mx.concatenate(processed_logits, axis=0)
+
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+        samplers = [
+            self.fallback_sampler if s is None else s
+            for s in (self.samplers or [None] * len(self.uids))
+        ]
+        if not samplers or all(s is samplers[0] for s in samplers):
+            sampled = (samplers[0] if samplers else self.fallback_sampler)(logprobs)
+        else:
+            sampled = mx.concatenate(
+                [s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0
+            )
+
+        # The one change: rows get (array, index) handles instead of B evaluated slices.
+        self._next_tokens = sampled
+        self._next_logprobs = [RowLogprobs(logprobs, i) for i in range(logprobs.shape[0])]
+        mx.async_eval(self._next_tokens, logprobs, token_context)
+
+        mx.eval(inputs, _arrays(self._current_logprobs))
+        inputs = inputs.tolist()
+        for sti, ti in zip(self.tokens, inputs, strict=True):
+            sti.append(ti)
+        return inputs, self._current_logprobs
+
+
+def _arrays(rows: list[RowLogprobs]) -> list[Any]:
+    """The distinct arrays behind a list of rows (batches merge and filter rows' handles)."""
+    return list({id(r.batch): r.batch for r in rows}.values())

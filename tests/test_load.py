@@ -1,0 +1,54 @@
+"""Model loading: the weights load on a worker thread; what goes wrong there is a load error."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+from mlxbatch.pipeline.engine import Engine, ModelLoadError
+from mlxbatch.pipeline.engine.load import WeightsLoader
+from tests.conftest import write_jsonl
+from tests.test_cli_process import process
+
+
+def test_the_engine_returns_while_its_weights_load_and_then_runs_the_same_model(
+    tiny_model, monkeypatch
+):
+    release = threading.Event()
+    read = WeightsLoader._read_weights
+
+    def held(self):
+        release.wait(timeout=30)  # the caller gets the engine before any weight is read
+        read(self)
+
+    monkeypatch.setattr(WeightsLoader, "_read_weights", held)
+    engine = Engine(tiny_model)
+    assert engine.tokenizer.encode("hi") and engine.dtype == "float32" and engine.identity
+    assert engine._weights._thread.is_alive()
+    release.set()
+    ids = mx.array([[5, 9, 14, 3]])
+    reference = load(tiny_model)[0]
+    assert mx.allclose(engine.model(ids), reference(ids), atol=1e-5).item()
+
+
+def test_a_failure_reading_the_weights_is_a_load_error_at_first_use(
+    tmp_path, tiny_model, monkeypatch
+):
+    def broken(self):
+        raise RuntimeError("read failed: disk gone")
+
+    monkeypatch.setattr(WeightsLoader, "_read_weights", broken)
+    engine = Engine(tiny_model)
+    with pytest.raises(ModelLoadError, match="disk gone"):
+        engine.model  # noqa: B018
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "out.jsonl"
+    result = process(str(f), "-m", tiny_model, "--max-tokens", "2", "-o", str(out))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: could not load model {tiny_model!r} (RuntimeError: read failed: disk gone)"
+    )
+    assert not out.exists()
