@@ -3,7 +3,9 @@
 What it does: builds or reuses the benchmark model and workload (as benchmarks.run does), runs
 mlxbatch once to warm up, then once more with the pipeline's stage functions wrapped in timers
 that synchronize the device when the stage returns, so GPU work is charged to the stage that
-queued it. Prints each stage's calls and seconds and what is left of the wall clock.
+queued it. Prints each stage's calls and seconds (indented: parts of the stage above) and
+what is left of the wall clock. `--set MODULE.NAME=VALUE` changes a tuning constant for an
+A/B run.
 
 What it does not do: compare contenders (benchmarks.run) or time anything it does not wrap;
 the synchronizing timers make the run itself a little slower than an untimed one.
@@ -12,8 +14,10 @@ the synchronizing timers make the run itself a little slower than an untimed one
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import functools
+import importlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,17 +31,28 @@ from benchmarks.workloads import WORKLOADS, make_workload, write_subset
 # (module, attribute path, label): stages in the order they first run.
 STAGES = (
     ("mlxbatch.jobs.runner", "check_inputs", "check inputs"),
+    ("mlxbatch.jobs.runner", "open_store", "open store"),
     ("mlxbatch.pipeline.engine.model", "Engine.__init__", "load model"),
+    ("mlxbatch.jobs.provenance", "start", "provenance"),
+    ("mlxbatch.jobs.store", "Store.begin_run", "begin run"),
     ("mlxbatch.jobs.windows", "render_tasks", "render + tokenize"),
+    ("mlxbatch.jobs.store", "Store.add_manifest", "manifest"),
     ("mlxbatch.jobs.runner", "_pending", "store lookups"),
-    ("mlxbatch.pipeline.plan", "group_by_prefix", "group by prefix"),
-    ("mlxbatch.pipeline.engine.model", "Engine.prefill_prefixes", "prefill prefixes"),
-    ("mlxbatch.pipeline.engine.batch", "BatchRun.__init__", "batch setup"),
-    ("mlx_lm.generate", "PromptProcessingBatch.prompt", "prefill rows"),
-    ("mlx_lm.generate", "GenerationBatch.__init__", "first-token pass"),
-    ("mlx_lm.generate", "GenerationBatch.next", "decode steps"),
-    ("mlxbatch.pipeline.engine.batch", "BatchRun._finish", "finish rows"),
+    ("mlxbatch.jobs.runner", "generate_window", "generate window"),
+    ("mlxbatch.pipeline.plan", "group_by_prefix", "  group by prefix"),
+    ("mlxbatch.pipeline.engine.model", "Engine.memory_budget", "  memory budget"),
+    ("mlxbatch.pipeline.engine.load", "WeightsLoader.model", "  wait for weights"),
+    ("mlxbatch.pipeline.engine.model", "Engine.prefill_prefixes", "  prefill prefixes"),
+    ("mlxbatch.pipeline.engine.prefix", "prefill_rows", "  prefill rows"),
+    ("mlxbatch.pipeline.engine.batch", "BatchRun.__init__", "  batch setup"),
+    ("mlx_lm.generate", "PromptProcessingBatch.prompt", "  prefill (mlx-lm)"),
+    ("mlx_lm.generate", "GenerationBatch.__init__", "  first-token pass"),
+    ("mlx_lm.generate", "GenerationBatch.next", "  decode steps"),
+    ("mlxbatch.pipeline.engine.batch", "BatchRun._finish", "  finish rows"),
     ("mlxbatch.jobs.store", "Store.put_results", "store results"),
+    ("mlxbatch.jobs.store", "Store.put_rendered", "store renders"),
+    ("mlxbatch.jobs.provenance", "finish", "provenance"),
+    ("mlxbatch.jobs.store", "Store.end_run", "end run"),
     ("mlxbatch.jobs.runner", "export_outputs", "export"),
 )
 
@@ -45,8 +60,6 @@ STAGES = (
 @contextlib.contextmanager
 def timed_stages() -> Iterator[dict[str, list[float]]]:
     """Wrap every stage in STAGES with a synchronizing timer; yields label -> [calls, s]."""
-    import importlib
-
     import mlx.core as mx
 
     totals: dict[str, list[float]] = {label: [0, 0.0] for _, _, label in STAGES}
@@ -83,7 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int)
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="set a module constant for this run (A/B of a tuning value), e.g. "
+        "mlxbatch.pipeline.engine.prefix.MAX_PADDING=0.25",
+    )
     args = p.parse_args(argv)
+    for setting in args.set:
+        target, value = setting.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), name, ast.literal_eval(value))
     import mlx.core as mx
 
     from mlxbatch.jobs.runner import run_job
@@ -113,10 +138,13 @@ def main(argv: list[str] | None = None) -> None:
                 wall = time.perf_counter() - t0
             reuse = "off" if args.no_prefix_cache else "on"
             print(f"\n{wl.name}, prefix reuse {reuse}: wall {wall:.3f} s, {summary.ok} rows, "
-                  f"{summary.generated_tokens} tokens")  # fmt: skip
+                  f"{summary.generated_tokens} tokens {' '.join(args.set)}")  # fmt: skip
+            top = 0.0
             for label, (calls, seconds) in totals.items():
                 if calls:
-                    print(f"  {label:<18} {int(calls):>6} calls {seconds:8.3f} s")
+                    print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s")
+                    top += seconds if not label.startswith(" ") else 0.0
+            print(f"  {'(not in a stage)':<20} {'':>12} {wall - top:8.3f} s")
 
 
 if __name__ == "__main__":

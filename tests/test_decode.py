@@ -48,3 +48,35 @@ def test_row_logprobs_decode_the_tokens_and_logprobs_of_mlx_lm(model):
     assert any(rows >= 2 and arrays == 1 for rows, arrays in steps)
     # Swapped back afterwards: plain mlx-lm batches again.
     assert not isinstance(_steps(model, prompts)[0][0][2], RowLogprobs)
+
+
+class _Counting:
+    """A model that counts its forward passes."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_no_step_is_computed_after_every_row_reached_max_tokens(model):
+    def run(counting):
+        gen = BatchGenerator(counting, stop_tokens=[], completion_batch_size=4)
+        gen.insert([[5, 9, 14], [3, 22, 40]], max_tokens=[4, 4])
+        tokens = []
+        while responses := gen.next_generated():
+            tokens += [(r.uid, r.token, r.finish_reason) for r in responses]
+        gen.close()
+        return tokens
+
+    theirs, ours = _Counting(model), _Counting(model)
+    expected = run(theirs)
+    with row_logprobs():
+        assert run(ours) == expected
+    # mlx-lm computes a fifth token for each row and drops it.
+    assert ours.calls == theirs.calls - 1

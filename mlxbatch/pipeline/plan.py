@@ -77,11 +77,11 @@ def choose_batch_sizes(
     return BatchSizes(completion=completion, prefill=prefill)
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of `a` and `b`."""
+def _common_length(a: list[int], b: list[int], lo: int = 0) -> int:
+    """Length of the longest common prefix of `a` and `b`, known to be at least `lo`."""
     # Binary search over slice comparisons, which run in C: a Python loop over every shared
     # token took ~0.1 s for 512 prompts behind a 1,500-token system prompt.
-    lo, hi = 0, min(len(a), len(b))
+    hi = min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
@@ -100,8 +100,12 @@ def group_by_prefix(tasks: list[Task], *, min_prefix: int = 16) -> list[PrefixGr
     prefix leaves at least one token of each prompt to prefill. Rows sharing nothing useful come
     back in a group with an empty prefix.
     """
-    ordered = sorted(tasks, key=lambda t: t.prompt_ids)
-    shared = [_common_length(a.prompt_ids, b.prompt_ids) for a, b in pairwise(ordered)]
+    # What every prompt shares (what the smallest and largest share) stays out of the sort
+    # keys and the searches: 512 prompts behind 1,551 shared ids, 10 -> 5 ms (2-core CPU).
+    ids = [t.prompt_ids for t in tasks]
+    common = _common_length(min(ids), max(ids)) if ids else 0
+    ordered = sorted(tasks, key=lambda t: t.prompt_ids[common:])
+    shared = [_common_length(a.prompt_ids, b.prompt_ids, common) for a, b in pairwise(ordered)]
     lengths = [len(t.prompt_ids) for t in ordered]
     groups: list[PrefixGroup] = []
     loose: list[Task] = []

@@ -21,7 +21,8 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlxbatch.pipeline.encode import encode_texts
-from mlxbatch.records import TEMPLATE, GenParams, Request, Task
+from mlxbatch.pipeline.keys import KeyHasher
+from mlxbatch.records import TEMPLATE, Request, Task
 
 
 class TemplateError(ValueError):
@@ -146,43 +147,6 @@ def prompt_token_ids(request: Request, tokenizer: Any, **options: Any) -> list[i
     return encode_texts(tokenizer, [text], special)[0]
 
 
-def task_key(
-    model_identity: str, prompt_ids: list[int], params: GenParams, sample_index: int
-) -> str:
-    """Content key of one sample: same key, same result, so the store can skip it."""
-    sampling = params.temperature > 0
-    payload = [
-        model_identity,
-        prompt_ids,
-        params.max_tokens,
-        params.temperature,
-        params.top_p if sampling else 1.0,
-        list(params.stop),
-        # A seed changes nothing under greedy decoding, so it stays out of the key then.
-        params.seed if sampling else None,
-        sample_index if sampling else None,
-        json.dumps(params.constraint, sort_keys=True) if params.constraint else None,
-    ]
-    # Newer parameters join the key only when set, so keys of plain rows stay as they were.
-    extras = {
-        "top_k": params.top_k if sampling else 0,
-        "min_p": params.min_p if sampling else 0.0,
-        "repetition_penalty": params.repetition_penalty,
-        "logit_bias": [list(b) for b in params.logit_bias],
-        "logprobs": params.top_logprobs if params.logprobs else -1,
-    }
-    defaults = {
-        "top_k": 0,
-        "min_p": 0.0,
-        "repetition_penalty": 1.0,
-        "logit_bias": [],
-        "logprobs": -1,
-    }
-    payload += [[k, v] for k, v in extras.items() if v != defaults[k]]
-    blob = json.dumps(payload, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
 def render_identity(
     tokenizer: Any,
     *,
@@ -258,15 +222,14 @@ def render_tasks(
             encoded = encode_texts(tokenizer, [t for _, t in items], special)
             for (i, _), token_ids in zip(items, encoded, strict=True):
                 ids[i] = token_ids
+    rendered = [ids[i] for i, e in enumerate(errors) if e is None and i not in known]
+    keys = KeyHasher(model_identity, rendered)
     tasks: list[Task] = []
     seq = first_seq
     for i, (request, error, prompt_ids) in enumerate(zip(requests, errors, ids, strict=True)):
         done = known.get(i)
         for sample in range(request.params.n):
-            if done is not None:
-                key = done[sample]
-            else:
-                key = task_key(model_identity, prompt_ids, request.params, sample)
+            key = done[sample] if done is not None else keys.key(prompt_ids, request.params, sample)
             if error is not None:
                 # Failed rows still need distinct keys; their error is not cached as a result.
                 key = hashlib.sha256(f"{key}:{request.line}:{error}".encode()).hexdigest()

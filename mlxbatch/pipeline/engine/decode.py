@@ -46,10 +46,18 @@ class RowLogprobsBatch(GenerationBatch):
     """A GenerationBatch whose rows' logprobs are RowLogprobs of one array per step."""
 
     # Set by GenerationBatch; declared for the type checker, which cannot see into mlx-lm.
+    _current_tokens: Any
     _next_tokens: Any
     _next_logprobs: list[RowLogprobs]
 
     def _step(self) -> tuple[list[int], list[Any]]:
+        # The tokens handed back now end every row at its max_tokens: computing the step after
+        # them (mlx-lm always does) would only be thrown away.
+        returning = self._current_tokens is not None
+        if returning and all(
+            n + 1 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True)
+        ):
+            return self._last_step()
         self._current_tokens = self._next_tokens
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
@@ -94,6 +102,16 @@ class RowLogprobsBatch(GenerationBatch):
         for sti, ti in zip(self.tokens, inputs, strict=True):
             sti.append(ti)
         return inputs, self._current_logprobs
+
+    def _last_step(self) -> tuple[list[int], list[Any]]:
+        inputs, logprobs = self._next_tokens, self._next_logprobs
+        self._current_tokens, self._current_logprobs = inputs, logprobs
+        self._next_tokens, self._next_logprobs = None, []
+        mx.eval(inputs, _arrays(logprobs))
+        tokens = inputs.tolist()
+        for sti, ti in zip(self.tokens, tokens, strict=True):
+            sti.append(ti)
+        return tokens, logprobs
 
 
 def _arrays(rows: list[RowLogprobs]) -> list[Any]:
