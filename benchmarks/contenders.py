@@ -79,8 +79,9 @@ def has_prefix_cache_option() -> bool:
 
 def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str = "auto",
                  tmp_root: str | None = None, prefix_cache: bool | None = None,
-                 name: str = "mlxbatch") -> Measurement:  # fmt: skip
-    """mlxbatch end to end: file in, file out, store included, in a fresh temp dir."""
+                 name: str = "mlxbatch", repeat: int = 1) -> Measurement:  # fmt: skip
+    """mlxbatch end to end: file in, file out, store included, in a fresh temp dir. With
+    `repeat` > 1 the timed run is repeated (each from an empty store) and the median kept."""
     import mlx.core as mx
 
     from mlxbatch.jobs.runner import run_job
@@ -95,14 +96,18 @@ def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str
         run_job(JobSpec(input=str(warm_in), output=f"{tmp}/warm.out.jsonl", **common, **warm))
         warm_wall = time.perf_counter() - t0
 
-        _reset_memory()
         out = Path(tmp) / "out.jsonl"
         spec = JobSpec(input=str(workload.path), output=str(out), **common,
                        **workload.spec_kwargs())  # fmt: skip
-        t0 = time.perf_counter()
-        summary = run_job(spec)
-        wall = time.perf_counter() - t0
-        peak = mx.get_peak_memory()
+        runs, peak = [], 0
+        for _ in range(max(1, repeat)):
+            _reset_memory()
+            t0 = time.perf_counter()
+            summary = run_job(spec)
+            runs.append((time.perf_counter() - t0, summary))
+            peak = max(peak, mx.get_peak_memory())
+        walls = [w for w, _ in runs]
+        wall, summary = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
         rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         store_bytes = sum(p.stat().st_size for p in Path(tmp).glob("out.jsonl.mlxbatch.sqlite*"))
     texts: dict[Any, str] = {}
@@ -114,6 +119,8 @@ def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str
         "wall includes model load, input checks, store, export "
         f"(store + export {100 * overhead / wall:.1f}% of wall)"
     )
+    if len(walls) > 1:
+        note += f"; median of {len(walls)}: " + " / ".join(f"{w:.2f}" for w in walls) + " s"
     if failed:
         note += f"; {failed} rows FAILED"
     return Measurement(
@@ -125,7 +132,8 @@ def run_mlxbatch(workload: Workload, model: str, *, warmup_rows: int, dtype: str
                "failed": failed, "store_bytes": store_bytes, "spec_extra": extra_fields,
                "store_seconds": summary.store_seconds,
                "export_seconds": summary.export_seconds,
-               "first_generation_after": summary.first_generation_after},
+               "first_generation_after": summary.first_generation_after,
+               "walls": walls},
         texts=texts,
     )  # fmt: skip
 

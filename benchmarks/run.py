@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="model dtype for every contender (auto: "
         "float32 on CPU, the checkpoint's dtype on GPU, as mlxbatch does)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs of each mlxbatch contender, the median reported (peers run once)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated prompt files")
     p.add_argument("--tmp-dir", help="where mlxbatch's output file and store go (default: $TMPDIR)")
     p.add_argument("--json", help="results file (default .bench/results-<device>-<workload>.json)")
@@ -115,7 +121,8 @@ def run_workload(wl: Workload, model: str, args: argparse.Namespace, device: str
         if m is not None:
             results.extend(m if isinstance(m, list) else [m])
 
-    common = dict(warmup_rows=args.warmup_rows, dtype=args.dtype, tmp_root=args.tmp_dir)
+    common = dict(warmup_rows=args.warmup_rows, dtype=args.dtype, tmp_root=args.tmp_dir,
+                  repeat=args.repeat)  # fmt: skip
     if "mlxbatch" in want:
         add("mlxbatch", lambda: C.run_mlxbatch(wl, model, **common))
     if "mlxbatch-noprefix" in want:

@@ -8,10 +8,12 @@ rows, where a row that still fails becomes an error record. Ordering and batch s
 decided by the caller (pipeline/plan.py).
 
 - model.py      Engine: load, dtype, memory budget, generate
+- load.py       the weights read on a worker thread while the caller renders
 - batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
+- decode.py     mlx-lm's decode step without a per-row logprobs split or a wasted last step
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
-- prefix.py     prefix caches: many groups' prefixes prefilled in a few batches
+- prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix
 - score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes, grouped decode steps on CUDA
 - errors.py     load errors and error records
