@@ -121,3 +121,27 @@ def test_a_group_larger_than_a_decode_batch_reuses_its_prefix_batch_after_batch(
         outs[flag] = read_jsonl(o)
     assert outs["--prefix-cache"] == outs["--no-prefix-cache"]
     assert len({r["output"] for r in outs["--prefix-cache"]}) > 1
+
+
+def test_rows_of_many_prefixes_merge_in_one_copy_into_the_plain_layout(model, monkeypatch):
+    prefixes = [PREFIX, PREFIX[:4], [60, 61, 62, 63, 64]]
+    groups = [
+        prefill_rows(
+            model, _prefilled(model, p, share_prefix=True), [[7, 8], [9]], tokens_per_step=64
+        )
+        for p in prefixes
+    ]
+
+    def no_extend(self, other):
+        raise AssertionError("merged part by part")
+
+    monkeypatch.setattr(RowBatchKVCache, "extend", no_extend)
+    merged = PrefilledRow.merge([rows[0] for group in groups for rows in group])
+    assert merged.prefix is None and merged.keys.shape[0] == 6
+    # Each row: its prefix and own tokens, right-aligned at the longest.
+    assert merged.offset.tolist() == [len(p) + n for p in prefixes for n in (2, 1)]
+    assert merged._idx == len(PREFIX) + 2
+    assert merged.left_padding.tolist() == [merged._idx - n for n in merged.offset.tolist()]
+    second = groups[2][1][0].batch
+    start = merged._idx - (5 + 1)
+    assert mx.array_equal(merged.keys[5, :, start : start + 5], second.prefix[0][0]).item()
