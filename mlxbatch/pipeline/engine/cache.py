@@ -12,6 +12,9 @@ A prefill step in which no row is left-padded gets a plain causal mask: rows tha
 together (after the same prefix, or in a fresh batch whose shorter prompts mlx-lm right-pads)
 need nothing more, and MLX can then use its fused attention. Models with other cache kinds
 keep mlx-lm's caches.
+
+Rows that prefix.py prefilled together come to mlx-lm as PrefilledRows, which merge back into
+their batch without a copy; rows of several prefixes in one merge are joined in one copy.
 """
 
 from __future__ import annotations
