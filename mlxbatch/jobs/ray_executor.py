@@ -18,18 +18,16 @@ at their next decode step and return what they finished, which is committed; the
 for the next run.
 
 Ray is imported only here, and only when a run asks for it (`--ray`, `ray:` or
-`executor: ray`): `pip install 'mlxbatch[ray]'`.
+`executor: ray`): `pip install 'mlxbatch[ray]'`. How a window is cut into chunks, and what
+becomes of a chunk whose worker died, is in chunks.py; the actor itself in ray_worker.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -38,18 +36,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxbatch.jobs.dispatch import generate_window as _generate_window
+from mlxbatch.jobs.chunks import (
+    MAX_CHUNK_FAILURES,
+    MAX_CHUNK_ROWS,
+    Chunk,
+    after_failure,
+    split_chunks,
+)
+from mlxbatch.jobs.ray_worker import Worker
 from mlxbatch.jobs.spec import JobSpec
-from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.engine import ModelLoadError
 from mlxbatch.records import Result, Task
 
+__all__ = [
+    "MAX_CHUNK_FAILURES",
+    "MAX_CHUNK_ROWS",
+    "Chunk",
+    "RayExecutorError",
+    "RayPool",
+    "Worker",
+    "after_failure",
+    "split_chunks",
+    "valid_address",
+]
+
 log = logging.getLogger("mlxbatch.ray")
 
-CHUNKS_PER_WORKER = 4  # chunks per worker and window, for balance at the window's end
-MAX_CHUNK_ROWS = 512  # rows per chunk at most: what one dying worker can lose
 IN_FLIGHT_PER_WORKER = 2  # the next chunk waits in the actor's queue: no idle round trip
-MAX_CHUNK_FAILURES = 2  # a chunk that killed this many workers is split (one row: error)
 STOP_GRACE_SECONDS = 20.0  # after a signal, how long finished work may take to come back
 STARTUP_NOTICE_SECONDS = 60.0
 INSTALL_HINT = "pip install 'mlxbatch[ray]'"
@@ -65,103 +78,6 @@ class RayExecutorError(ModelLoadError):
 def valid_address(address: str) -> bool:
     """'auto', 'local', HOST:PORT or ray://HOST:PORT."""
     return bool(ADDRESS_PATTERN.match(address))
-
-
-class Worker:
-    """One Ray actor: the model, loaded once, and `generate_window` over chunks of tasks.
-
-    Runs in a Ray worker process (`ray.remote` is applied by the pool). `info` and `stop` run
-    in a "control" concurrency group, so they answer while a chunk is being generated.
-    """
-
-    def __init__(self, spec: JobSpec):
-        from mlxbatch.pipeline.engine import Engine
-
-        self.spec = spec
-        self.engine = Engine(
-            spec.model,
-            adapter_path=spec.adapter_path,
-            dtype=spec.dtype,
-            quantize=spec.quantize,
-            trust_remote_code=spec.trust_remote_code,
-        )
-        self.stopping = threading.Event()
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "identity": self.engine.identity,
-            "dtype": self.engine.dtype,
-        }
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def generate(self, tasks: list[Task]) -> list[Result]:
-        """Every task's Result (fewer once told to stop), in finishing order."""
-        results: list[Result] = []
-        if not self.stopping.is_set():
-            _generate_window(
-                tasks,
-                self.spec,
-                self.engine,
-                on_result=results.append,
-                should_stop=self.stopping.is_set,
-            )
-        return results
-
-
-@dataclass
-class Chunk:
-    """Tasks generated together on one worker; `failures`: workers it was running on that died."""
-
-    id: int
-    tasks: list[Task]
-    failures: int = 0
-
-
-def split_chunks(todo: list[Task], workers: int, first_id: int = 0) -> list[Chunk]:
-    """Length-sorted tasks cut into about CHUNKS_PER_WORKER chunks per worker."""
-    ordered = plan.sort_by_length(todo)
-    size = max(
-        1, min(MAX_CHUNK_ROWS, math.ceil(len(ordered) / (max(1, workers) * CHUNKS_PER_WORKER)))
-    )
-    return [
-        Chunk(first_id + n, ordered[i : i + size])
-        for n, i in enumerate(range(0, len(ordered), size))
-    ]
-
-
-def after_failure(
-    chunk: Chunk, reason: str, new_id: Callable[[], int]
-) -> tuple[list[Chunk], list[Result]]:
-    """What to do with a chunk whose worker died (or failed) while running it.
-
-    Retry it once as it is; after that split it in halves (each may fail once more before it
-    is split again), and a single row that still fails becomes an error record.
-    """
-    failures = chunk.failures + 1
-    if failures < MAX_CHUNK_FAILURES:
-        return [Chunk(chunk.id, chunk.tasks, failures)], []
-    if len(chunk.tasks) > 1:
-        half = len(chunk.tasks) // 2
-        parts = (chunk.tasks[:half], chunk.tasks[half:])
-        return [Chunk(new_id(), part, MAX_CHUNK_FAILURES - 1) for part in parts], []
-    task = chunk.tasks[0]
-    message = (
-        f"the Ray worker generating this row died {failures} times "
-        f"(killed, out of memory or crashed); last: {reason}"
-    )
-    error = Result(
-        key=task.key,
-        finish_reason="error",
-        prompt_tokens=len(task.prompt_ids),
-        error_code="worker_died",
-        error_message=message,
-        created=int(time.time()),
-    )
-    return [], [error]
 
 
 @dataclass
