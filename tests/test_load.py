@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -52,3 +54,24 @@ def test_a_failure_reading_the_weights_is_a_load_error_at_first_use(
         f"Error: could not load model {tiny_model!r} (RuntimeError: read failed: disk gone)"
     )
     assert not out.exists()
+
+
+def test_a_process_that_ends_while_weights_load_waits_for_them(tmp_path, tiny_model):
+    # Ending while the worker is inside MLX's read aborted the process (exit 134).
+    marker = tmp_path / "read"
+    script = f"""
+import time
+from mlxbatch.pipeline.engine.load import WeightsLoader
+read = WeightsLoader._read_weights
+def slow(self):
+    time.sleep(0.5)
+    read(self)
+    open({str(marker)!r}, "w").close()
+WeightsLoader._read_weights = slow
+from mlxbatch.pipeline.engine import Engine
+Engine({tiny_model!r})
+raise SystemExit(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr.decode()
+    assert marker.exists()

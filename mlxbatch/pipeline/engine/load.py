@@ -38,7 +38,9 @@ class WeightsLoader:
         self._model: Any = None
         self.config: dict = {}
         self.dtype = "unknown"
-        self._thread = threading.Thread(target=self._load, name="mlxbatch-load", daemon=True)
+        # Not a daemon: a process that ends while the weights load (everything already done,
+        # an error, a signal) waits for the read; ending inside MLX aborted it (exit 134).
+        self._thread = threading.Thread(target=self._load, name="mlxbatch-load")
         self._thread.start()
         self._built.wait()
         if self._model is None:  # the build failed; a failed read is reported by model()
