@@ -67,6 +67,8 @@ class WeightsLoader:
             self._error = e
         finally:
             self._built.set()
+            # A stream outliving its thread aborted the process at exit, now and then.
+            mx.clear_streams()
 
     def _read_weights(self) -> None:
         import mlx.core as mx
