@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from mlxbatch.records import GenParams
@@ -61,8 +62,7 @@ class KeyHasher:
 
     def __init__(self, model_identity: str, prompts: list[list[int]]):
         self.model_identity = model_identity
-        # The longest prefix shared by all prompts is the one min and max share.
-        self.head = _common_prefix(min(prompts), max(prompts)) if prompts else []
+        self.head = list(os.path.commonprefix(prompts)) if prompts else []  # of lists too
         text = json.dumps([model_identity, self.head], separators=(",", ":"))
         self.hash = hashlib.sha256(text[:-2].encode())  # '["identity",[h1,...,hk'
 
@@ -75,8 +75,3 @@ class KeyHasher:
         h = self.hash.copy()
         h.update(f"{',' if tail else ''}{tail}],{settings[1:]}".encode())
         return h.hexdigest()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> list[int]:
-    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return a[:n]

@@ -51,17 +51,30 @@ class RowLogprobsBatch(GenerationBatch):
     _next_logprobs: list[RowLogprobs]
 
     def _step(self) -> tuple[list[int], list[Any]]:
-        # The tokens handed back now end every row at its max_tokens: computing the step after
-        # them (mlx-lm always does) would only be thrown away.
-        returning = self._current_tokens is not None
-        if returning and all(
+        # When the tokens handed back now end every row at its max_tokens, the step after them
+        # (mlx-lm always computes it) would only be thrown away.
+        last = self._current_tokens is not None and all(
             n + 1 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True)
-        ):
-            return self._last_step()
+        )
         self._current_tokens = self._next_tokens
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
+        if last:
+            self._next_tokens, self._next_logprobs = None, []
+        else:
+            self._next_tokens, logprobs, token_context = self._forward(inputs)
+            # The one change: rows get (array, index) handles instead of B evaluated slices.
+            self._next_logprobs = [RowLogprobs(logprobs, i) for i in range(logprobs.shape[0])]
+            mx.async_eval(self._next_tokens, logprobs, token_context)
 
+        mx.eval(inputs, _arrays(self._current_logprobs))
+        inputs = inputs.tolist()
+        for sti, ti in zip(self.tokens, inputs, strict=True):
+            sti.append(ti)
+        return inputs, self._current_logprobs
+
+    def _forward(self, inputs: Any) -> tuple[Any, Any, list[Any]]:
+        """mlx-lm's forward pass, logits processors and sampling, line for line."""
         logits = self.model(inputs[:, None], cache=self.prompt_cache)
         logits = logits[:, -1, :]
 
@@ -91,27 +104,7 @@ class RowLogprobsBatch(GenerationBatch):
             sampled = mx.concatenate(
                 [s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0
             )
-
-        # The one change: rows get (array, index) handles instead of B evaluated slices.
-        self._next_tokens = sampled
-        self._next_logprobs = [RowLogprobs(logprobs, i) for i in range(logprobs.shape[0])]
-        mx.async_eval(self._next_tokens, logprobs, token_context)
-
-        mx.eval(inputs, _arrays(self._current_logprobs))
-        inputs = inputs.tolist()
-        for sti, ti in zip(self.tokens, inputs, strict=True):
-            sti.append(ti)
-        return inputs, self._current_logprobs
-
-    def _last_step(self) -> tuple[list[int], list[Any]]:
-        inputs, logprobs = self._next_tokens, self._next_logprobs
-        self._current_tokens, self._current_logprobs = inputs, logprobs
-        self._next_tokens, self._next_logprobs = None, []
-        mx.eval(inputs, _arrays(logprobs))
-        tokens = inputs.tolist()
-        for sti, ti in zip(self.tokens, tokens, strict=True):
-            sti.append(ti)
-        return tokens, logprobs
+        return sampled, logprobs, token_context
 
 
 def _arrays(rows: list[RowLogprobs]) -> list[Any]:
