@@ -3,9 +3,10 @@
 What it does: builds or reuses the benchmark model and workload (as benchmarks.run does), runs
 mlxbatch once to warm up, then once more with the pipeline's stage functions wrapped in timers
 that synchronize the device when the stage returns, so GPU work is charged to the stage that
-queued it. Prints each stage's calls and seconds (indented: parts of the stage above) and
-what is left of the wall clock. `--set MODULE.NAME=VALUE` changes a tuning constant for an
-A/B run.
+queued it. Prints each stage's calls and seconds (indented: parts of the stage above), what is
+left of the wall clock, and the time Python's garbage collector took. `--set MODULE.NAME=VALUE`
+changes a tuning constant for an A/B run; `--profile` adds one untimed run under pyinstrument
+(when installed) and prints where the host's time went.
 
 What it does not do: compare contenders (benchmarks.run) or time anything it does not wrap;
 the synchronizing timers make the run itself a little slower than an untimed one.
@@ -17,6 +18,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import gc
 import importlib
 import tempfile
 import time
@@ -89,6 +91,26 @@ def timed_stages() -> Iterator[dict[str, list[float]]]:
             setattr(owner, name, original)
 
 
+@contextlib.contextmanager
+def collector_time() -> Iterator[list[float]]:
+    """Yields [collections, seconds] of Python's garbage collector while the block runs."""
+    totals = [0.0, 0.0]
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            totals[0] += 1
+            totals[1] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield totals
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
     p.add_argument("--workload", choices=WORKLOADS, default="labelling")
@@ -96,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int)
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
+    p.add_argument("--profile", action="store_true", help="one more run under pyinstrument")
     p.add_argument(
         "--set",
         action="append",
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeat):
             spec = JobSpec(input=str(wl.path), output=f"{tmp}/out.jsonl", **common,
                            **wl.spec_kwargs())  # fmt: skip
-            with timed_stages() as totals:
+            with timed_stages() as totals, collector_time() as collected:
                 t0 = time.perf_counter()
                 summary = run_job(spec)
                 wall = time.perf_counter() - t0
@@ -145,6 +168,16 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s")
                     top += seconds if not label.startswith(" ") else 0.0
             print(f"  {'(not in a stage)':<20} {'':>12} {wall - top:8.3f} s")
+            print(f"  {'(garbage collector)':<20} {int(collected[0]):>6} runs  {collected[1]:8.3f} s")
+        if args.profile:
+            from pyinstrument import Profiler
+
+            spec = JobSpec(input=str(wl.path), output=f"{tmp}/out.jsonl", **common,
+                           **wl.spec_kwargs())  # fmt: skip
+            profiler = Profiler(interval=0.0005)
+            with profiler:
+                run_job(spec)
+            print(profiler.output_text(show_all=False, unicode=False))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxbatch.jobs import provenance
+from mlxbatch.jobs.collector import frozen_heap
 from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
@@ -226,14 +227,15 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 if summary.first_generation_after is None:
                     summary.first_generation_after = time.perf_counter() - started
                 summary.start_generating()
-                generate(
-                    todo,
-                    spec,
-                    engine,
-                    on_result=committer.add,
-                    should_stop=should_stop,
-                    on_batch_size=committer.set_batch,
-                )
+                with frozen_heap():
+                    generate(
+                        todo,
+                        spec,
+                        engine,
+                        on_result=committer.add,
+                        should_stop=should_stop,
+                        on_batch_size=committer.set_batch,
+                    )
                 summary.stop_generating()
             committer.flush()
             with summary.timing("store_seconds"):
