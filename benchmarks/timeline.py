@@ -35,6 +35,9 @@ STAGES = (
     ("mlxbatch.jobs.runner", "check_inputs", "check inputs"),
     ("mlxbatch.jobs.runner", "open_store", "open store"),
     ("mlxbatch.pipeline.engine.model", "Engine.__init__", "load model"),
+    # On the loader's thread, while the main thread goes on (not part of the wall's sum).
+    ("mlxbatch.pipeline.engine.load", "WeightsLoader._build", "  build (worker)"),
+    ("mlxbatch.pipeline.engine.load", "WeightsLoader._read_weights", "  read weights (worker)"),
     ("mlxbatch.jobs.provenance", "start", "provenance"),
     ("mlxbatch.jobs.store", "Store.begin_run", "begin run"),
     ("mlxbatch.jobs.windows", "render_tasks", "render + tokenize"),
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s")
                     top += seconds if not label.startswith(" ") else 0.0
             print(f"  {'(not in a stage)':<20} {'':>12} {wall - top:8.3f} s")
-            print(f"  {'(garbage collector)':<20} {int(collected[0]):>6} runs  {collected[1]:8.3f} s")
+            runs, seconds = collected
+            print(f"  {'(garbage collector)':<20} {int(runs):>6} runs  {seconds:8.3f} s")
         if args.profile:
             from pyinstrument import Profiler
 

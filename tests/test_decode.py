@@ -6,9 +6,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, GenerationBatch
 
-from mlxbatch.pipeline.engine.decode import RowLogprobs, row_logprobs
+from mlxbatch.pipeline.engine.cache import row_cache
+from mlxbatch.pipeline.engine.decode import LaterRow, RowLogprobs, RowLogprobsBatch, row_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,35 @@ def test_no_step_is_computed_after_every_row_reached_max_tokens(model):
         assert run(ours) == expected
     # mlx-lm computes a fifth token for each row and drops it.
     assert ours.calls == theirs.calls - 1
+
+
+def test_finished_rows_caches_are_cut_out_when_read_as_mlx_lm_cuts_them(model, monkeypatch):
+    prompts = [[5, 9, 14], [3, 22, 40, 41, 7], [8, 11]]
+
+    def caches():
+        gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=4, prefill_batch_size=4)
+        uids = gen.insert(prompts, max_tokens=[3, 6, 6], caches=[row_cache(model) for _ in prompts])
+        finished, removed = {}, {}
+        while responses := gen.next_generated():
+            finished.update({r.uid: r.prompt_cache for r in responses if r.finish_reason})
+            if finished and not removed:
+                # After the batch filtered out the first finished row: mlx-lm's other way out.
+                out = gen.remove([uids[2]], return_prompt_caches=True)
+                removed = {uid: cache for uid, (cache, _) in out.items()}
+        gen.close()
+        return finished, removed
+
+    with row_logprobs():
+        ours = caches()
+        # The same steps, with every row cut out layer by layer when it finishes (mlx-lm's way).
+        monkeypatch.setattr(RowLogprobsBatch, "extract_cache", GenerationBatch.extract_cache)
+        theirs = caches()
+    assert all(isinstance(row, LaterRow) for row in ours[0].values())
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert sorted(mine) == sorted(expected) and mine
+        for uid, layers in mine.items():
+            assert len(layers) == len(expected[uid])
+            for a, b in zip(layers, expected[uid], strict=True):
+                assert a.offset == b.offset
+                assert mx.array_equal(a.keys, b.keys).item()
+                assert mx.array_equal(a.values, b.values).item()

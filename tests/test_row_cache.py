@@ -79,6 +79,19 @@ def test_only_prefill_steps_without_left_padding_get_a_causal_mask():
     assert isinstance(RowBatchKVCache([0, 0]).make_mask(4, return_array=True), mx.array)
 
 
+def test_the_mask_follows_padding_changed_after_construction():
+    # The padding given at construction is known without reading the device; each later
+    # change (mlx-lm's prepare in place, a filtered or merged batch) must be seen.
+    prepared = RowBatchKVCache([0, 0])
+    prepared.prepare(lengths=[3, 1], right_padding=[0, 2])
+    assert prepared.make_mask(3) == "causal"
+    prepared.prepare(left_padding=[0, 1])
+    assert isinstance(prepared.make_mask(3), mx.array)
+    rebound = RowBatchKVCache([0, 0])
+    rebound.left_padding = mx.array([1, 0])
+    assert isinstance(rebound.make_mask(3), mx.array)
+
+
 def test_finalize_rolls_right_padded_rows_as_mlx_lm_does():
     mx.random.seed(1)
     keys, values = mx.random.normal((3, 2, 9, 4)), mx.random.normal((3, 2, 9, 6))

@@ -47,6 +47,11 @@ class RowBatchKVCache(BatchKVCache):
     prefix_id: int = 0  # equal for batches holding the same prefix (copies included)
     _padding: tuple[Any, list[int]] | None = None  # left_padding and its values, read once
 
+    def __init__(self, left_padding: list[int]):
+        super().__init__(left_padding)
+        # Known here without reading the device: masks of the first steps need no sync.
+        self._padding = (self.left_padding, list(left_padding))
+
     @classmethod
     def merge(cls, caches: list[Any]) -> Any:
         """One batch cache of rows' caches: RowKVCaches and PrefilledRows, in any mix (a
@@ -84,8 +89,9 @@ class RowBatchKVCache(BatchKVCache):
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:
         unpadded_prefill = N > 1 and not return_array and kwargs.get("window_size") is None
-        # One small sync per prefill step; decode steps (N == 1) never make it.
-        if unpadded_prefill and not self.left_padding.any().item():
+        # Decode steps (N == 1) never ask; a prefill step reads the padding from the device
+        # only when it is not known on the host (a sync: the queued steps finish first).
+        if unpadded_prefill and not any(self._left_padding_list()):
             return "causal"
         return super().make_mask(N, return_array=return_array, **kwargs)
 
@@ -133,7 +139,8 @@ class RowBatchKVCache(BatchKVCache):
         self.prefix, self.prefix_id = None, 0
 
     def prepare(self, **kwargs: Any) -> None:
-        self._padding = None  # mlx-lm may change left_padding in place here
+        if kwargs.get("left_padding") is not None:
+            self._padding = None  # mlx-lm changes left_padding in place here
         super().prepare(**kwargs)
 
     def extract(self, idx: int) -> Any:
@@ -143,8 +150,14 @@ class RowBatchKVCache(BatchKVCache):
         from the device each time, and the batch drops them unread: here the padding is read
         once per batch state and the row is sliced only when first used.
         """
-        start = self._left_padding_list()[idx] if self.keys is not None else 0
-        return _CutRow(self.keys, self.values, idx, start, self._idx, self.prefix)
+        return self.cutter()(idx)
+
+    def cutter(self) -> Any:
+        """A function that cuts a row out of this batch as it is now, whatever the batch does
+        afterwards (filter, extend, another step)."""
+        keys, values, end, prefix = self.keys, self.values, self._idx, self.prefix
+        starts = self._left_padding_list() if keys is not None else None
+        return lambda idx: _CutRow(keys, values, idx, starts[idx] if starts else 0, end, prefix)
 
     def pick(self, picked: list[int]) -> RowBatchKVCache:
         """This cache if `picked` is all of its rows in order, else a new cache of those rows

@@ -1,21 +1,26 @@
-"""mlx-lm's decode step, less its per-row split of the log-probabilities.
+"""mlx-lm's decode step, less its per-row split of the log-probabilities and of the caches.
 
 `GenerationBatch._step` turns each step's [rows, vocab] log-probabilities into one array per
 row (`list(logprobs)`) and evaluates them all: ~5 ms of a 23 ms step on an H100 with 512 rows,
 paid whether or not any row asks for logprobs. `RowLogprobsBatch` keeps the one array and
 hands each row a `RowLogprobs` (the array and the row's index), sliced only by the rows that
-report logprobs (batch.py). Everything else is mlx-lm's step, line for line; it is swapped in
-by module-global name while a run generates, like attention.py, and pinned by mlx-lm<0.33.
+report logprobs (batch.py). Likewise a finished row's cache is one `LaterRow` handle, cut out
+of the batch's layers only when read, not one handle per layer (12,288 when 512 rows of 24
+layers finish together; batch.py reads none). Everything else is mlx-lm's step, line for
+line; it is swapped in by module-global name while a run generates, like attention.py, and
+pinned by mlx-lm<0.33.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import mlx.core as mx
+
+from mlxbatch.pipeline.engine.cache import RowBatchKVCache
 
 # The module, not mlx_lm's `generate` function of the same name.
 generate: Any = importlib.import_module("mlx_lm.generate")
@@ -49,8 +54,28 @@ class RowLogprobsBatch(GenerationBatch):
     _current_tokens: Any
     _next_tokens: Any
     _next_logprobs: list[RowLogprobs]
+    prompt_cache: list[Any]
+    _cutters: list[Callable[[int], Any]] | None = None  # the layers as they are now
+
+    def extract_cache(self, idx: int) -> Any:
+        """Row `idx`'s per-layer cache as one handle, cut out of the layers when first read."""
+        if not all(isinstance(c, RowBatchKVCache) for c in self.prompt_cache):
+            return super().extract_cache(idx)
+        if self._cutters is None:
+            self._cutters = [c.cutter() for c in self.prompt_cache]
+        return LaterRow(self._cutters, idx)
+
+    # Each of these changes the layers, so rows are cut from them afresh afterwards.
+    def filter(self, keep: list[int]) -> None:
+        self._cutters = None
+        super().filter(keep)
+
+    def extend(self, batch: Any) -> None:
+        self._cutters = None
+        super().extend(batch)
 
     def _step(self) -> tuple[list[int], list[Any]]:
+        self._cutters = None
         # When the tokens handed back now end every row at its max_tokens, the step after them
         # (mlx-lm always computes it) would only be thrown away.
         last = self._current_tokens is not None and all(
@@ -105,6 +130,22 @@ class RowLogprobsBatch(GenerationBatch):
                 [s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0
             )
         return sampled, logprobs, token_context
+
+
+class LaterRow(Sequence):
+    """A finished row's per-layer cache, cut out of the batch the first time it is read."""
+
+    def __init__(self, cutters: list[Callable[[int], Any]], row: int):
+        self._cutters, self._row = cutters, row
+        self._layers: list[Any] | None = None
+
+    def __getitem__(self, i: Any) -> Any:
+        if self._layers is None:
+            self._layers = [cut(self._row) for cut in self._cutters]
+        return self._layers[i]
+
+    def __len__(self) -> int:
+        return len(self._cutters)
 
 
 def _arrays(rows: list[RowLogprobs]) -> list[Any]:

@@ -27,11 +27,15 @@ PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's promp
 MAX_PADDING = 0.5
 
 
-def prefill(model: Any, ids: Any, cache: list[Any]) -> None:
-    """Run token ids [rows, L] into `cache`, PREFILL_STEP tokens at a time."""
+def prefill(model: Any, ids: Any, cache: list[Any], *, wait: bool = True) -> None:
+    """Run token ids [rows, L] into `cache`, PREFILL_STEP tokens at a time.
+
+    With `wait` off the steps are only queued, so the caller builds its next batch while the
+    device computes this one.
+    """
     for start in range(0, ids.shape[1], PREFILL_STEP):
         model(ids[:, start : start + PREFILL_STEP], cache=cache)
-        mx.eval([c.state for c in cache])
+        (mx.eval if wait else mx.async_eval)([c.state for c in cache])
 
 
 def prefill_prefixes(
@@ -90,7 +94,7 @@ def prefill_rows(
     with batch_attention(model):
         for batch in _batches(lengths, tokens_per_step, MAX_PADDING):
             layers = [c.merge([c] * len(batch)) for c in prefix]
-            _prefill_padded(model, layers, [suffixes[i] for i in batch])
+            _prefill_padded(model, layers, [suffixes[i] for i in batch], wait=False)
             parts.append((batch, layers))
     # Rows in the order given: batches are in length order, so put them back.
     order = [i for batch, _ in parts for i in batch]
@@ -116,7 +120,9 @@ def _prefill_batch(model: Any, prefixes: list[list[int]], share_prefix: bool) ->
     return rows
 
 
-def _prefill_padded(model: Any, layers: list[Any], rows: list[list[int]]) -> None:
+def _prefill_padded(
+    model: Any, layers: list[Any], rows: list[list[int]], *, wait: bool = True
+) -> None:
     """Prefill `rows` into the batch caches `layers`, right-padded to the longest row (these
     steps get a causal mask, cache.py), then move each row's padding to the left."""
     lengths = [len(r) for r in rows]
@@ -125,6 +131,6 @@ def _prefill_padded(model: Any, layers: list[Any], rows: list[list[int]]) -> Non
         return
     for c in layers:
         c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
-    prefill(model, mx.array([r + [0] * (width - len(r)) for r in rows]), layers)
+    prefill(model, mx.array([r + [0] * (width - len(r)) for r in rows]), layers, wait=wait)
     for c in layers:
         c.finalize()
