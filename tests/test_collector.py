@@ -1,4 +1,4 @@
-"""The heap is frozen while a window generates, and handed back to the collector after."""
+"""The heap alive before a run is frozen while it runs, and handed back to the collector after."""
 
 from __future__ import annotations
 

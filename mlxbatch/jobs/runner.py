@@ -167,7 +167,8 @@ def run_job(spec: JobSpec) -> RunSummary:
     store = open_store(spec)
     try:
         store.lock()
-        with keep_awake():  # macOS: no idle sleep until the run ends
+        # macOS: no idle sleep until the run ends. The collector leaves what is alive now alone.
+        with keep_awake(), frozen_heap():
             engine = Engine(
                 spec.model,
                 adapter_path=spec.adapter_path,
@@ -227,15 +228,14 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 if summary.first_generation_after is None:
                     summary.first_generation_after = time.perf_counter() - started
                 summary.start_generating()
-                with frozen_heap():
-                    generate(
-                        todo,
-                        spec,
-                        engine,
-                        on_result=committer.add,
-                        should_stop=should_stop,
-                        on_batch_size=committer.set_batch,
-                    )
+                generate(
+                    todo,
+                    spec,
+                    engine,
+                    on_result=committer.add,
+                    should_stop=should_stop,
+                    on_batch_size=committer.set_batch,
+                )
                 summary.stop_generating()
             committer.flush()
             with summary.timing("store_seconds"):
