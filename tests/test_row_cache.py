@@ -227,3 +227,20 @@ def test_extract_cuts_out_rows_as_mlx_lm_does():
     row = ours.extract(1)
     assert row.offset == 4 + 3  # the prefix, then the row's own 3 tokens
     assert mx.array_equal(row.keys[:, :, :4], prefix[0]).item()
+
+
+def test_filter_keeps_a_batch_whose_rows_all_stay_as_it_is_and_otherwise_filters_as_mlx_lm():
+    mx.random.seed(3)
+    keys, values = mx.random.normal((3, 2, 5, 4)), mx.random.normal((3, 2, 5, 4))
+    for padding, keep in (([0, 2, 1], [0, 1, 2]), ([1, 2, 3], [0, 1, 2]), ([0, 2, 1], [1, 2])):
+        ours, theirs = RowBatchKVCache(padding), BatchKVCache(padding)
+        for cache in (ours, theirs):
+            cache.update_and_fetch(keys, values)
+        before = ours.keys
+        ours.filter(keep)
+        theirs.filter(keep)
+        if padding == [0, 2, 1] and keep == [0, 1, 2]:
+            assert ours.keys is before  # nothing to copy
+        assert ours.left_padding.tolist() == theirs.left_padding.tolist()
+        assert ours.offset.tolist() == theirs.offset.tolist() and ours._idx == theirs._idx
+        assert mx.array_equal(ours.keys[..., : ours._idx, :], theirs.keys[..., : theirs._idx, :])

@@ -109,6 +109,13 @@ class RowBatchKVCache(BatchKVCache):
             self.left_padding = self.left_padding + padding
             self._right_padding = None
 
+    def filter(self, batch_indices: Any) -> None:
+        """mlx-lm's filter, less its copy and padding read when every row stays in order (a
+        prompt batch whose rows all move on to decoding, as prefilled rows do)."""
+        keep_all = list(batch_indices) == list(range(self.left_padding.shape[0]))
+        if not (keep_all and min(self._left_padding_list(), default=0) == 0):
+            super().filter(batch_indices)
+
     def extend(self, other: Any) -> None:
         shared = self.prefix is not None or getattr(other, "prefix", None) is not None
         same = isinstance(other, RowBatchKVCache) and other.prefix_id == self.prefix_id
