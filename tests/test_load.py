@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -78,3 +79,13 @@ raise SystemExit(3)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
         assert done.returncode == 3, done.stderr.decode()
         assert marker.exists()
+
+
+def test_the_engine_raises_mlx_cuda_graph_cache_unless_it_is_set():
+    code = "import os, mlxbatch.pipeline.engine; print(os.environ['MLX_CUDA_GRAPH_CACHE_SIZE'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_CUDA_GRAPH_CACHE_SIZE"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "1000", default.stderr
+    env["MLX_CUDA_GRAPH_CACHE_SIZE"] = "64"
+    own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert own.stdout.strip() == "64", own.stderr

@@ -20,11 +20,11 @@ from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVC
 
 PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's prompt processing
 # A batch of rows to prefill after a shared prefix closes when its padding would pass this
-# share of its tokens. On an H200 (512 labelling rows, 77.5k tokens, benchmarks.prefill_rows)
-# fewer, fuller batches won: limits 0.06 / 0.125 / 0.25 / 0.5 / none gave 11 / 5 / 3 / 2 / 2
-# batches in 0.51 / 0.33 / 0.29 / 0.29 / 0.29 s. The limit guards against one long row
-# padding hundreds of short ones.
-MAX_PADDING = 0.5
+# share of its tokens. The passes are queued without waiting for one another, so a pass costs
+# little beyond its arithmetic: on an H200 (512 labelling rows, 78k tokens, benchmarks.timeline)
+# limits 0.5 / 0.25 / 0.125 gave 0.26-0.27 / 0.25-0.26 / 0.22-0.26 s (2 / 3 / 5 batches, three
+# runs each). When every pass waited for the last, 0.06 cost 11 batches and 0.51 s.
+MAX_PADDING = 0.125
 
 
 def prefill(model: Any, ids: Any, cache: list[Any], *, wait: bool = True) -> None:
