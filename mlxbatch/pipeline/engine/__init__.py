@@ -15,7 +15,8 @@ decided by the caller (pipeline/plan.py).
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix
 - score.py      choice scoring: every choice of a task in one batched forward pass
-- attention.py  attention while generating: shared prefixes, grouped decode steps on CUDA
+- attention.py  attention while generating: shared prefixes (and whether a model takes them),
+                grouped decode steps on CUDA
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports
 """

@@ -138,3 +138,33 @@ def grouped_decode_attention(
     scores = _masked(scores, mask.reshape(mask.shape[0], 1, 1, mask.shape[2], mask.shape[3]))
     weights = mx.softmax(scores, axis=-1, precise=True).reshape(b, kv_heads, group * n, -1)
     return (weights @ values).reshape(b, heads, n, values.shape[-1])
+
+
+def can_share_prefixes(model: Any) -> bool:
+    """Whether every layer's attention goes through attention.batch_attention, which adds a
+    held-once prefix back: counted on one small batch. (A model whose attention does not call
+    mlx-lm's shared function would silently ignore the prefix.)"""
+    import mlx.core as mx
+
+    from mlxbatch.pipeline.engine import attention
+    from mlxbatch.pipeline.engine.cache import RowKVCache, row_cache
+
+    cache = row_cache(model, share_prefix=True)
+    if not all(isinstance(c, RowKVCache) for c in cache):
+        return False
+    model(mx.array([[1, 2]]), cache=cache)
+    batch = [c.merge([c, c]) for c in cache]
+    seen: list[Any] = []
+    real = attention.shared_prefix_attention
+
+    def counted(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any) -> Any:
+        seen.append(cache)
+        return real(queries, keys, values, cache, scale, mask)
+
+    attention.shared_prefix_attention = counted
+    try:
+        with attention.batch_attention(model):
+            model(mx.array([[3], [4]]), cache=batch)  # building the graph makes the calls
+    finally:
+        attention.shared_prefix_attention = real
+    return len(seen) == len(cache)

@@ -270,33 +270,6 @@ class RowKVCache(KVCache):
         return RowBatchKVCache.merge(caches)
 
 
-def can_share_prefixes(model: Any) -> bool:
-    """Whether every layer's attention goes through attention.batch_attention, which adds a
-    held-once prefix back: counted on one small batch. (A model whose attention does not call
-    mlx-lm's shared function would silently ignore the prefix.)"""
-    from mlxbatch.pipeline.engine import attention
-
-    cache = row_cache(model, share_prefix=True)
-    if not all(isinstance(c, RowKVCache) for c in cache):
-        return False
-    model(mx.array([[1, 2]]), cache=cache)
-    batch = [c.merge([c, c]) for c in cache]
-    seen: list[Any] = []
-    real = attention.shared_prefix_attention
-
-    def counted(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any) -> Any:
-        seen.append(cache)
-        return real(queries, keys, values, cache, scale, mask)
-
-    attention.shared_prefix_attention = counted
-    try:
-        with attention.batch_attention(model):
-            model(mx.array([[3], [4]]), cache=batch)  # building the graph makes the calls
-    finally:
-        attention.shared_prefix_attention = real
-    return len(seen) == len(cache)
-
-
 def row_cache(model: Any, share_prefix: bool = False) -> list[Any]:
     """An empty per-layer cache for one row: RowKVCaches where the model uses plain ones."""
     cache = make_prompt_cache(model)

@@ -219,7 +219,7 @@ class Engine:
     @functools.cached_property
     def shares_prefixes(self) -> bool:
         """Whether batches may hold a shared prefix once (see cache.py), checked once."""
-        from mlxbatch.pipeline.engine.cache import can_share_prefixes
+        from mlxbatch.pipeline.engine.attention import can_share_prefixes
 
         return can_share_prefixes(self.model)
 
