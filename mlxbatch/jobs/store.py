@@ -8,31 +8,34 @@
   rendering them again.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
-The store runs in WAL mode with synchronous=FULL (and fullfsync on macOS). One process at a
-time holds it, through an flock on `<store>.lock` that the kernel drops when the holder dies,
-so a lock left by a killed run is taken over without asking. Output files are not written here.
-SQLite errors leave this module as StoreError naming the file: StoreDamaged for a damaged
-database, and a disk-full message (nothing committed is lost; resume once there is space).
-
+How the file is opened, locked and written durably, and how SQLite's errors are named, is in
+sqlite_file.py. One process at a time holds a store. Output files are not written here.
 Its writes carry the fault-injection points of jobs/faults.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sqlite3
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.request import pathname2url
 
 from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.sqlite_file import (
+    DISK_FULL_HINT,
+    ProcessLock,
+    StoreDamaged,
+    StoreError,
+    Transaction,
+    connect,
+    sqlite_errors,
+)
 from mlxbatch.records import Result, Task
+
+__all__ = ["DISK_FULL_HINT", "ExportRow", "Store", "StoreDamaged", "StoreError"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -53,30 +56,6 @@ CREATE TABLE IF NOT EXISTS runs (
     kind TEXT, spec TEXT, stats TEXT, provenance TEXT
 );
 """
-
-
-DISK_FULL_HINT = (
-    "finished rows are kept in the store: free some space and run the same command again to resume"
-)
-
-# SQLite messages for a file that is not a sound store (damaged pages, schema, or text).
-DAMAGE_MESSAGES = (
-    "malformed",
-    "not a database",
-    "Could not decode to UTF-8",
-    "unsupported file format",
-    "no such table",
-    "no such column",
-    "has no column named",
-)
-
-
-class StoreError(Exception):
-    """A store that cannot be used: missing, damaged, or locked by another process."""
-
-
-class StoreDamaged(StoreError):
-    """SQLite reports the file is not a sound database."""
 
 
 @dataclass
@@ -104,37 +83,16 @@ class ExportRow:
 class Store:
     def __init__(self, path: str, *, create: bool = True, read_only: bool = False):
         """Open (or create) the store; `read_only` opens an existing one without writing to
-        it at all: no schema, no WAL switch, and no -wal / -shm files for a cleanly closed one."""
+        it at all (sqlite_file.connect)."""
         self.path = path
-        self._lock_fd: int | None = None
-        if (read_only or not create) and not os.path.exists(path):
-            raise StoreError(f"{path}: no such store")
-        if read_only:
-            # A store closed cleanly has no WAL: read it as immutable. One with a WAL (a run
-            # going on, or killed) is read through it.
-            mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
-            uri = f"file:{pathname2url(os.path.abspath(path))}?{mode}"
-        try:
-            if read_only:
-                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
-                return
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        except sqlite3.Error as e:
-            raise StoreError(f"{path}: {e}") from None
+        self._lock: ProcessLock | None = None
+        self.db = connect(path, create=create, read_only=read_only)
+        if read_only or not create:
+            return
         try:
             with self._sqlite_errors():
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=FULL")
-                if sys.platform == "darwin":
-                    self.db.execute("PRAGMA fullfsync=ON")
-                check = self.db.execute("PRAGMA quick_check").fetchone()[0]
-                if check != "ok":
-                    found = [line for line in check.splitlines() if not line.startswith("***")]
-                    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-                    raise StoreDamaged(self._damaged(f"integrity check: {found[0]}{more}"))
-                if create:
-                    self.db.executescript(SCHEMA)
-                    self._migrate()
+                self.db.executescript(SCHEMA)
+                self._migrate()
         except StoreError:
             self.db.close()
             raise
@@ -149,61 +107,25 @@ class Store:
         if "provenance" not in columns:
             self.db.execute("ALTER TABLE runs ADD COLUMN provenance TEXT")
 
-    def _damaged(self, why: object) -> str:
-        return (
-            f"{self.path}: the store is damaged ({why}); run again with --fresh to start a new "
-            "store (the damaged file is kept beside it)"
-        )
-
-    def _error(self, e: sqlite3.Error) -> StoreError:
-        """A StoreError naming this store for an error SQLite raised."""
-        name = getattr(e, "sqlite_errorname", None) or ""
-        text = str(e)
-        if name == "SQLITE_FULL" or "database or disk is full" in text:
-            return StoreError(f"{self.path}: No space left on device ({e}); {DISK_FULL_HINT}")
-        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(
-            m in text for m in DAMAGE_MESSAGES
-        ):
-            return StoreDamaged(self._damaged(e))
-        return StoreError(f"{self.path}: {e}")
-
-    @contextlib.contextmanager
-    def _sqlite_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as e:
-            raise self._error(e) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged bytes in a row
-            raise StoreDamaged(self._damaged(f"unreadable data: {e}")) from None
+    def _sqlite_errors(self) -> Any:
+        return sqlite_errors(self.path)
 
     def _write_fault(self, what: str) -> None:
         if FAULTS.disk_full(f"store:{what}"):
             raise sqlite3.OperationalError("database or disk is full")
 
-    # -- locking ---------------------------------------------------------------------------
+    def _transaction(self) -> Transaction:
+        return Transaction(self.db)
 
     def lock(self) -> None:
         """Take the store for this process, or raise naming the process that holds it."""
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreError(
-                f"{self.path} is in use by another mlxbatch process (pid {holder}); "
-                "wait for it to finish or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+        self._lock = ProcessLock(self.path)
 
     def close(self) -> None:
         self.db.close()
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- results -----------------------------------------------------------------------------
 
@@ -393,31 +315,3 @@ class Store:
         finally:
             self.db.row_factory = None
         return run
-
-    def _transaction(self) -> Any:
-        return _Transaction(self.db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if exc_type is None:
-            try:
-                self.db.execute("COMMIT")
-                return
-            except sqlite3.Error:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        # SQLite rolls some failures back itself (a full disk, I/O errors); a second
-        # ROLLBACK would then raise and hide the error that caused it.
-        if self.db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
