@@ -55,7 +55,7 @@ def _check_ray_address(ctx: click.Context, param: click.Parameter, value: str | 
         return None
     import importlib.util
 
-    from mlxbatch.jobs.ray_executor import INSTALL_HINT, valid_address
+    from mlxbatch.jobs.ray_connect import INSTALL_HINT, valid_address
 
     if not valid_address(value):
         raise click.BadParameter(

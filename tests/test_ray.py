@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from mlxbatch.cli import cli
 from mlxbatch.jobs import ray_executor
+from mlxbatch.jobs.ray_connect import worker_plan
 from mlxbatch.jobs.ray_executor import (
     MAX_CHUNK_FAILURES,
     Chunk,
@@ -161,7 +162,7 @@ class FakeRay:
     ],
 )
 def test_one_worker_per_mlx_unit_else_gpu_else_machine(resources, nodes, requested, count, needs):
-    got, options = ray_executor._worker_plan(FakeRay(resources, nodes), requested)
+    got, options = worker_plan(FakeRay(resources, nodes), requested)
     assert got == count
     assert options == {**needs, "scheduling_strategy": "SPREAD"}
 

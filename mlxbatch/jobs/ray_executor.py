@@ -19,16 +19,14 @@ for the next run.
 
 Ray is imported only here, and only when a run asks for it (`--ray`, `ray:` or
 `executor: ray`): `pip install 'mlxbatch[ray]'`. How a window is cut into chunks, and what
-becomes of a chunk whose worker died, is in chunks.py; the actor itself in ray_worker.py.
+becomes of a chunk whose worker died, is in chunks.py; the actor itself in ray_worker.py;
+reaching the cluster and planning the workers in ray_connect.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
-import signal
-import threading
 import time
 import uuid
 from collections import deque
@@ -43,14 +41,22 @@ from mlxbatch.jobs.chunks import (
     after_failure,
     split_chunks,
 )
+from mlxbatch.jobs.ray_connect import (
+    INSTALL_HINT,
+    RayExecutorError,
+    connect,
+    failure_reason,
+    valid_address,
+    worker_plan,
+)
 from mlxbatch.jobs.ray_worker import Worker
 from mlxbatch.jobs.spec import JobSpec
-from mlxbatch.pipeline.engine import ModelLoadError
 from mlxbatch.records import Result, Task
 
 __all__ = [
     "MAX_CHUNK_FAILURES",
     "MAX_CHUNK_ROWS",
+    "INSTALL_HINT",
     "Chunk",
     "RayExecutorError",
     "RayPool",
@@ -65,19 +71,6 @@ log = logging.getLogger("mlxbatch.ray")
 IN_FLIGHT_PER_WORKER = 2  # the next chunk waits in the actor's queue: no idle round trip
 STOP_GRACE_SECONDS = 20.0  # after a signal, how long finished work may take to come back
 STARTUP_NOTICE_SECONDS = 60.0
-INSTALL_HINT = "pip install 'mlxbatch[ray]'"
-ADDRESS_PATTERN = re.compile(r"^(auto|local|ray://\S+|\S+:\d+)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TRACE_LINES = ("^", "File ", "class_name:", "actor_id:", "pid:", "namespace:", "ip:")
-
-
-class RayExecutorError(ModelLoadError):
-    """Ray is missing or unreachable, or its workers cannot load the model or keep dying."""
-
-
-def valid_address(address: str) -> bool:
-    """'auto', 'local', HOST:PORT or ray://HOST:PORT."""
-    return bool(ADDRESS_PATTERN.match(address))
 
 
 @dataclass
@@ -130,15 +123,10 @@ class RayPool:
     def _start(self, identity: str) -> Any:
         if self._ray is not None:
             return self._ray
-        try:
-            import ray
-        except ImportError:
-            raise RayExecutorError(f"--ray needs Ray: {INSTALL_HINT}") from None
-        if not ray.is_initialized():
-            self._init_ray(ray)
+        ray, self._started_ray = connect(self.address, quiet=self.spec.quiet)
         self._ray = ray
         self._identity = identity
-        count, options = _worker_plan(ray, self.spec.ray_workers)
+        count, options = worker_plan(ray, self.spec.ray_workers)
         self._options = options
         remote: Any = ray.remote  # its type hints lack concurrency_groups
         self._actor_class = remote(concurrency_groups={"control": 1})(Worker)
@@ -146,30 +134,6 @@ class RayPool:
         for _ in range(count):
             self._launch()
         return ray
-
-    def _init_ray(self, ray: Any) -> None:
-        # ray.init installs its own SIGTERM handler; the run's handlers must stay in charge.
-        main = threading.current_thread() is threading.main_thread()
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            local = {"_node_ip_address": "127.0.0.1"} if self.address == "auto" else {}
-            ray.init(
-                address=None if self.address == "auto" else self.address,
-                **local,
-                logging_level=logging.ERROR if self.spec.quiet else logging.WARNING,
-                log_to_driver=False,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RayExecutorError(
-                f"could not start or reach Ray at {self.address!r}: {e} (is the cluster up? "
-                "`ray status` says; with token authentication, set RAY_AUTH_MODE=token and "
-                "RAY_AUTH_TOKEN to the head's `ray get-auth-token`)"
-            ) from None
-        finally:
-            if main:
-                for s, handler in handlers.items():
-                    signal.signal(s, handler)
-        self._started_ray = True
 
     def _launch(self) -> None:
         name = f"mlxbatch-worker-{self._tag}-{self.stats.workers_started}"
@@ -259,9 +223,9 @@ class RayPool:
         except self._ray.exceptions.RayError as e:
             if "creation task" in str(e):  # its __init__ raised: the model did not load
                 raise RayExecutorError(
-                    f"a Ray worker could not load the model: {_reason(e)}"
+                    f"a Ray worker could not load the model: {failure_reason(e)}"
                 ) from None
-            self._replace(slot, _reason(e))  # killed while loading: like any other death
+            self._replace(slot, failure_reason(e))  # killed while loading: like any other death
             return
         if info["identity"] != self._identity:
             raise RayExecutorError(
@@ -287,12 +251,12 @@ class RayPool:
         try:
             results = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self._lost(slot, ref, chunk, pending, queue, commit, _reason(e), stopping)
+            self._lost(slot, ref, chunk, pending, queue, commit, failure_reason(e), stopping)
             return
         except ray.exceptions.RayError as e:  # generate raised; the worker lives on
             slot.in_flight.remove(ref)
             log.warning("a chunk of %d rows failed on %s: %s", len(chunk.tasks), slot.name, e)
-            self._retry(chunk, _reason(e), queue, commit)
+            self._retry(chunk, failure_reason(e), queue, commit)
             return
         slot.in_flight.remove(ref)
         self._commit_chunk(chunk, results, queue, commit, stopping)
@@ -418,34 +382,3 @@ class RayPool:
             pending.pop(ref)
             with contextlib.suppress(Exception):  # already gone
                 ray.cancel(ref)
-
-
-def _worker_plan(ray: Any, requested: int | None) -> tuple[int, dict[str, Any]]:
-    """How many actors, and the resources of each: an `mlx` unit, else a GPU, else a machine."""
-    resources = ray.cluster_resources()
-    options: dict[str, Any]
-    if resources.get("mlx", 0) >= 1:
-        count, options = int(resources["mlx"]), {"resources": {"mlx": 1}}
-    elif resources.get("GPU", 0) >= 1:
-        count, options = int(resources["GPU"]), {"num_gpus": 1}
-    else:
-        count = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-        options = {"num_cpus": 1}
-    if requested and requested > count and "num_cpus" not in options:
-        log.warning(
-            "%d Ray workers asked for, but the cluster has room for %d: the rest wait",
-            requested,
-            count,
-        )
-    return requested or count, {**options, "scheduling_strategy": "SPREAD"}
-
-
-def _reason(e: BaseException) -> str:
-    """The last meaningful line of a Ray error (its tracebacks are long)."""
-    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(
-            ("^", "File ", "class_name:", "actor_id:", "pid:", "namespace:", "ip:")
-        ):
-            return line[:300]
-    return type(e).__name__
