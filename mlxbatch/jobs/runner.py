@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxbatch.jobs import provenance
-from mlxbatch.jobs.collector import frozen_heap
+from mlxbatch.jobs.collector import young_collections_only
 from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
 from mlxbatch.jobs.export import export_jsonl, export_parquet
@@ -167,8 +167,8 @@ def run_job(spec: JobSpec) -> RunSummary:
     store = open_store(spec)
     try:
         store.lock()
-        # macOS: no idle sleep until the run ends. The collector leaves what is alive now alone.
-        with keep_awake(), frozen_heap():
+        # macOS: no idle sleep until the run ends. No full garbage collections until then.
+        with keep_awake(), young_collections_only():
             engine = Engine(
                 spec.model,
                 adapter_path=spec.adapter_path,
