@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from mlxbatch.jobs import provenance
@@ -30,6 +27,7 @@ from mlxbatch.jobs.power import keep_awake
 from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
+from mlxbatch.jobs.summary import Committer, RunSummary, peak_rss, run_stats
 from mlxbatch.jobs.windows import completed_renders, task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
@@ -57,97 +55,6 @@ def export_outputs(store: Store, spec: JobSpec, kind: str) -> int:
         return export_parquet(store, spec.output_path, spec.errors_path, rows, from_parquet)
     model = spec.model if kind == OPENAI else None
     return export_jsonl(store, spec.output_path, spec.errors_path, openai_model=model)
-
-
-@dataclass
-class RunSummary:
-    status: str = "completed"  # "completed" | "interrupted"
-    signal: int | None = None
-    deadline_reached: bool = False  # stopped by --deadline (resumable, like a signal)
-    rows: int = 0
-    ok: int = 0
-    failed: int = 0
-    cached: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    wall: float = 0.0
-    generate_seconds: float = 0.0  # time inside generation, excluding load and export
-    # Seconds from the start of the run (input check, model load, finding what is done) until
-    # generation began; None when there was nothing to generate.
-    first_generation_after: float | None = None
-    # Time writing the store (results, manifest) and publishing outputs: overhead on generation.
-    store_seconds: float = 0.0
-    export_seconds: float = 0.0
-    peak_memory: int = 0
-    output: str = ""
-    errors: list[str] = field(default_factory=list)
-
-    _generate_started: float | None = None
-
-    def start_generating(self) -> None:
-        self._generate_started = time.perf_counter()
-
-    def stop_generating(self) -> None:
-        self.generate_seconds = self.generate_seconds_so_far()
-        self._generate_started = None
-
-    def generate_seconds_so_far(self) -> float:
-        started = self._generate_started
-        return self.generate_seconds + (time.perf_counter() - started if started else 0.0)
-
-    @contextlib.contextmanager
-    def timing(self, counter: str) -> Iterator[None]:
-        """Add the time the block takes to the `counter` field."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, counter, getattr(self, counter) + time.perf_counter() - started)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
-
-
-class _Committer:
-    """Buffers finished results; one store transaction per batch; periodic checkpoints."""
-
-    def __init__(self, store: Store, summary: RunSummary, progress: Any, checkpoint: Any):
-        self.store, self.summary, self.progress, self.checkpoint = (
-            store,
-            summary,
-            progress,
-            checkpoint,
-        )
-        self.buffer: list[Result] = []
-        self.batch = 1
-
-    def set_batch(self, size: int) -> None:
-        self.batch = size
-
-    def add(self, result: Result) -> None:
-        self.buffer.append(result)
-        s = self.summary
-        if result.error_code is not None:
-            s.failed += 1
-        else:
-            s.ok += 1
-            s.prompt_tokens += result.prompt_tokens
-            s.generated_tokens += result.completion_tokens
-        self.progress.update(1)
-        if self.progress.n % 16 == 0 and s.generate_seconds_so_far() > 0:
-            self.progress.set_postfix_str(
-                f"{s.generated_tokens / s.generate_seconds_so_far():.0f} tok/s", refresh=False
-            )
-        if len(self.buffer) >= self.batch:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            with self.summary.timing("store_seconds"):
-                self.store.put_results(self.buffer)
-            self.buffer = []
-            self.checkpoint()
 
 
 def _progress(spec: JobSpec, total: int) -> Any:
@@ -216,7 +123,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
         for s in (signal.SIGINT, signal.SIGTERM)
     }
     progress = _progress(spec, check.tasks)
-    committer = _Committer(store, summary, progress, checkpoint)
+    committer = Committer(store, summary, progress, checkpoint)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
     try:
@@ -247,10 +154,10 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
         elif late:
             summary.status, summary.deadline_reached = "interrupted", True
         summary.wall = time.perf_counter() - started
-        summary.peak_memory = max(engine.stats.peak_memory, _peak_rss())
+        summary.peak_memory = max(engine.stats.peak_memory, peak_rss())
         # The run is recorded before the output is published: a full disk here leaves the
         # previous output untouched.
-        stats = _stats(summary)
+        stats = run_stats(summary)
         prov = provenance.finish(
             known, run_id=run_id, status=summary.status, stats=stats, counts=store.counts()
         )
@@ -260,7 +167,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
         provenance.write_manifest(provenance.manifest_path(spec.output_path), prov)
     except BaseException:
         with contextlib.suppress(Exception):
-            store.end_run(run_id, "failed", _stats(summary))
+            store.end_run(run_id, "failed", run_stats(summary))
         raise
     finally:
         if pool is not None:
@@ -276,7 +183,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
 def _pending(
     tasks: list,
     store: Store,
-    committer: _Committer,
+    committer: Committer,
     summary: RunSummary,
     context_length: int | None,
 ) -> list:
@@ -304,28 +211,3 @@ def _pending(
             continue
         todo.append(task)
     return todo
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _stats(summary: RunSummary) -> dict:
-    return {
-        k: getattr(summary, k)
-        for k in (
-            "rows",
-            "ok",
-            "failed",
-            "cached",
-            "prompt_tokens",
-            "generated_tokens",
-            "wall",
-            "generate_seconds",
-            "first_generation_after",
-            "store_seconds",
-            "export_seconds",
-            "peak_memory",
-        )
-    } | {"tokens_per_second": summary.tokens_per_second}
