@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxbatch.jobs.export import write_lines_atomic
+from mlxbatch.jobs.atomic import write_lines_atomic
 from mlxbatch.jobs.inputs import iter_requests
 from mlxbatch.jobs.spec import SPEC_FIELDS, JobSpec
 from mlxbatch.jobs.store import Store

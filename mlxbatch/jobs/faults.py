@@ -4,8 +4,8 @@ MLXBATCH_FAULT=<point>[:<n>] kills this process with SIGKILL the n-th time (defa
 reaches <point>:
   before_commit   (store.py) a finished batch, generated, before its transaction begins
   in_commit       (store.py) inside that transaction, rows written, before COMMIT
-  export_tmp      (export.py) the temp output file written, not yet fsynced or published
-  after_replace   (export.py) the output replaced, its directory not yet fsynced
+  export_tmp      (atomic.py) the temp output file written, not yet fsynced or published
+  after_replace   (atomic.py) the output replaced, its directory not yet fsynced
 MLXBATCH_FAULT=enospc:<n> makes the n-th and every later write fail as on a full disk: a store
 write raises SQLite's "database or disk is full", an output-file write OSError(ENOSPC).
 """

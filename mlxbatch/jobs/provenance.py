@@ -211,7 +211,7 @@ def for_export(run: dict, target: str, lines: int, **extra: Any) -> dict[str, An
 
 def write_manifest(path: str, manifest: dict[str, Any]) -> None:
     """Publish `manifest` as JSON at `path`, atomically (temp file, fsync, rename)."""
-    from mlxbatch.jobs.export import write_atomic
+    from mlxbatch.jobs.atomic import write_atomic
 
     text = json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n"
 
