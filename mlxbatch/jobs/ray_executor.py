@@ -42,11 +42,9 @@ from mlxbatch.jobs.chunks import (
     split_chunks,
 )
 from mlxbatch.jobs.ray_connect import (
-    INSTALL_HINT,
     RayExecutorError,
     connect,
     failure_reason,
-    valid_address,
     worker_plan,
 )
 from mlxbatch.jobs.ray_worker import Worker
@@ -56,14 +54,12 @@ from mlxbatch.records import Result, Task
 __all__ = [
     "MAX_CHUNK_FAILURES",
     "MAX_CHUNK_ROWS",
-    "INSTALL_HINT",
     "Chunk",
     "RayExecutorError",
     "RayPool",
     "Worker",
     "after_failure",
     "split_chunks",
-    "valid_address",
 ]
 
 log = logging.getLogger("mlxbatch.ray")
