@@ -6,10 +6,16 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
 from mlxbatch.pipeline.engine.cache import row_cache
-from mlxbatch.pipeline.engine.decode import LaterRow, RowLogprobs, RowLogprobsBatch, row_logprobs
+from mlxbatch.pipeline.engine.decode import (
+    HandOverBatch,
+    LaterRow,
+    RowLogprobs,
+    RowLogprobsBatch,
+    batch_classes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def _steps(model, prompts):
 def test_row_logprobs_decode_the_tokens_and_logprobs_of_mlx_lm(model):
     prompts = [[5, 9, 14], [3, 22, 40, 41, 7], [8, 11]]
     theirs, _ = _steps(model, prompts)
-    with row_logprobs():
+    with batch_classes():
         ours, steps = _steps(model, prompts)
     assert [(u, t) for u, t, _ in ours] == [(u, t) for u, t, _ in theirs]
     for (_, _, a), (_, _, b) in zip(ours, theirs, strict=True):
@@ -77,7 +83,7 @@ def test_no_step_is_computed_after_every_row_reached_max_tokens(model):
 
     theirs, ours = _Counting(model), _Counting(model)
     expected = run(theirs)
-    with row_logprobs():
+    with batch_classes():
         assert run(ours) == expected
     # mlx-lm computes a fifth token for each row and drops it.
     assert ours.calls == theirs.calls - 1
@@ -99,7 +105,7 @@ def test_finished_rows_caches_are_cut_out_when_read_as_mlx_lm_cuts_them(model, m
         gen.close()
         return finished, removed
 
-    with row_logprobs():
+    with batch_classes():
         ours = caches()
         # The same steps, with every row cut out layer by layer when it finishes (mlx-lm's way).
         monkeypatch.setattr(RowLogprobsBatch, "extract_cache", GenerationBatch.extract_cache)
@@ -113,3 +119,28 @@ def test_finished_rows_caches_are_cut_out_when_read_as_mlx_lm_cuts_them(model, m
                 assert a.offset == b.offset
                 assert mx.array_equal(a.keys, b.keys).item()
                 assert mx.array_equal(a.values, b.values).item()
+
+
+def test_a_prompt_batch_moving_on_whole_is_handed_over_and_a_part_is_split_as_mlx_lm_does(model):
+    def prompted(cls):
+        caches = [row_cache(model) for _ in range(3)]
+        batch = cls(model, [0, 1, 2], caches, samplers=[None] * 3, logits_processors=[[]] * 3)
+        batch.prompt([[5, 9, 14], [3, 22, 40], [8, 11, 12]])
+        return batch
+
+    ours, theirs = prompted(HandOverBatch), prompted(PromptProcessingBatch)
+    layers = list(ours.prompt_cache)
+    moved, expected = ours.split([2, 0, 1]), theirs.split([2, 0, 1])
+    assert all(a is b for a, b in zip(moved.prompt_cache, layers, strict=True))  # no copy
+    assert len(ours) == len(theirs) == 0 and ours.prompt_cache == []
+    for got, want in ((moved, expected), (ours, theirs)):
+        assert got.uids == want.uids and got.tokens == want.tokens
+    for a, b in zip(moved.prompt_cache, expected.prompt_cache, strict=True):
+        assert mx.array_equal(a.keys, b.keys).item() and mx.array_equal(a.offset, b.offset).item()
+
+    ours, theirs = prompted(HandOverBatch), prompted(PromptProcessingBatch)
+    part, expected = ours.split([1]), theirs.split([1])
+    assert (part.uids, ours.uids) == (expected.uids, theirs.uids) == ([1], [0, 2])
+    for got, want in ((part, expected), (ours, theirs)):
+        for a, b in zip(got.prompt_cache, want.prompt_cache, strict=True):
+            assert mx.array_equal(a.keys, b.keys).item()

@@ -7,13 +7,16 @@ hands each row a `RowLogprobs` (the array and the row's index), sliced only by t
 report logprobs (batch.py). Likewise a finished row's cache is one `LaterRow` handle, cut out
 of the batch's layers only when read, not one handle per layer (12,288 when 512 rows of 24
 layers finish together; batch.py reads none). Everything else is mlx-lm's step, line for
-line; it is swapped in by module-global name while a run generates, like attention.py, and
-pinned by mlx-lm<0.33.
+line. `HandOverBatch` hands a prompt batch whose rows all move on to decoding over as it is:
+mlx-lm's split deep-copies every layer's keys and values, then empties the batch. Both are
+swapped in by module-global name while a run generates, like attention.py, and pinned by
+mlx-lm<0.33.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -25,6 +28,7 @@ from mlxbatch.pipeline.engine.cache import RowBatchKVCache
 # The module, not mlx_lm's `generate` function of the same name.
 generate: Any = importlib.import_module("mlx_lm.generate")
 GenerationBatch: Any = generate.GenerationBatch
+PromptProcessingBatch: Any = generate.PromptProcessingBatch
 
 
 class RowLogprobs(NamedTuple):
@@ -38,13 +42,33 @@ class RowLogprobs(NamedTuple):
 
 
 @contextlib.contextmanager
-def row_logprobs() -> Iterator[None]:
-    """While the block runs, mlx-lm's batches decode with RowLogprobsBatch."""
+def batch_classes() -> Iterator[None]:
+    """While the block runs, mlx-lm's BatchGenerator makes RowLogprobsBatches to decode and
+    HandOverBatches to prefill."""
     generate.GenerationBatch = RowLogprobsBatch
+    generate.PromptProcessingBatch = HandOverBatch
     try:
         yield
     finally:
         generate.GenerationBatch = GenerationBatch
+        generate.PromptProcessingBatch = PromptProcessingBatch
+
+
+class HandOverBatch(PromptProcessingBatch):
+    """A PromptProcessingBatch that hands itself over, caches and all, when every row moves
+    on to decoding; mlx-lm's split copies each layer (~1 GB for 512 labelling rows) first."""
+
+    uids: list[int]
+    prompt_cache: list[Any]
+
+    def split(self, indices: list[int]) -> Any:
+        if sorted(indices) != list(range(len(self.uids))):
+            return super().split(indices)
+        moved = copy.copy(self)
+        self.prompt_cache = []  # mlx-lm's filter empties the list in place: not moved's
+        self.filter([])
+        moved.filter(sorted(indices))
+        return moved
 
 
 class RowLogprobsBatch(GenerationBatch):

@@ -4,8 +4,9 @@ A run needs the tokenizer, the config and the model's identity to render prompts
 weights only when it generates. Reading the weights took ~0.2 s of a 1.2 s labelling run (0.5B
 bf16 model, H200 host), time the caller can spend rendering instead. The worker builds the
 model lazily (config, dtype, in-memory quantization: what the identity needs), says so, then
-evaluates the weights. MLX streams belong to the thread that made them, so the worker does all
-of it on a stream of its own; the caller touches the arrays only after `model()` returned.
+reads the weights, on several threads (readers.py). MLX streams belong to the thread that made
+them, so the worker builds on a stream of its own; the caller touches the arrays only after
+`model()` returned.
 
 It does not load the tokenizer or decide anything about batches (model.py does).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxbatch.pipeline.engine.errors import ModelLoadError
+from mlxbatch.pipeline.engine.readers import read, spread_loads
 
 
 class WeightsLoader:
@@ -36,6 +38,7 @@ class WeightsLoader:
         self._built = threading.Event()
         self._error: BaseException | None = None
         self._model: Any = None
+        self._shares: list[list[Any]] = []  # lazily loaded tensors, one list per reader
         self.config: dict = {}
         self.dtype = "unknown"
         # Not a daemon: a process that ends while the weights load (everything already done,
@@ -60,7 +63,9 @@ class WeightsLoader:
 
         try:
             with mx.stream(mx.new_stream(mx.default_device())):
-                self._build(mx)
+                with spread_loads(mx.default_device()) as spread:
+                    self._build(mx)
+                self._shares = spread.shares
                 self._built.set()
                 self._read_weights()
         except BaseException as e:  # re-raised in the caller's thread
@@ -72,8 +77,12 @@ class WeightsLoader:
 
     def _read_weights(self) -> None:
         import mlx.core as mx
+        from mlx.utils import tree_flatten
 
-        mx.eval(self._model.parameters())
+        parameters = [v for _, v in tree_flatten(self._model.parameters())]
+        read(self._shares, parameters)  # the tensors the model uses as they are, in parallel
+        self._shares = []
+        mx.eval(parameters)  # what the build made of the others (dtype, quantization)
 
     def _build(self, mx: Any) -> None:
         from mlx.utils import tree_flatten

@@ -160,13 +160,13 @@ class Engine:
         """
         import mlx.core as mx
 
-        from mlxbatch.pipeline.engine.decode import row_logprobs
+        from mlxbatch.pipeline.engine.decode import batch_classes
 
         size = completion_batch_size
         while groups := [g for g in groups if g.tasks]:
             run = None
             try:
-                with row_logprobs():
+                with batch_classes():
                     run = BatchRun(
                         self, groups, size, min(prefill_batch_size, size), on_result, masks
                     )
