@@ -38,6 +38,7 @@ STAGES = (
     # On the loader's thread, while the main thread goes on (not part of the wall's sum).
     ("mlxbatch.pipeline.engine.load", "WeightsLoader._build", "  build (worker)"),
     ("mlxbatch.pipeline.engine.load", "WeightsLoader._read_weights", "  read weights (worker)"),
+    ("mlxbatch.pipeline.engine.load", "WeightsLoader.wait_built", "  wait for build"),
     ("mlxbatch.jobs.provenance", "start", "provenance"),
     ("mlxbatch.jobs.store", "Store.begin_run", "begin run"),
     ("mlxbatch.jobs.windows", "render_tasks", "render + tokenize"),

@@ -89,3 +89,37 @@ def test_the_engine_raises_mlx_cuda_graph_cache_unless_it_is_set():
     env["MLX_CUDA_GRAPH_CACHE_SIZE"] = "64"
     own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert own.stdout.strip() == "64", own.stderr
+
+
+def test_the_tokenizer_loads_while_the_model_builds(tiny_model, monkeypatch):
+    import mlx_lm.utils
+
+    tokenizer_loaded = threading.Event()
+    real_tokenizer, build = mlx_lm.utils.load_tokenizer, WeightsLoader._build
+    built_after_tokenizer = []
+
+    def tokenizer(*args, **kwargs):
+        loaded = real_tokenizer(*args, **kwargs)
+        tokenizer_loaded.set()
+        return loaded
+
+    def held(self, mx):
+        built_after_tokenizer.append(tokenizer_loaded.wait(timeout=10))
+        build(self, mx)
+
+    monkeypatch.setattr(mlx_lm.utils, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(WeightsLoader, "_build", held)
+    engine = Engine(tiny_model)
+    assert built_after_tokenizer == [True] and engine.dtype == "float32"
+
+
+def test_a_failed_build_is_the_error_reported_even_when_the_tokenizer_fails(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    broken = shutil.copytree(tiny_model, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no_such_arch"}))
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="no_such_arch"):
+        Engine(str(broken))

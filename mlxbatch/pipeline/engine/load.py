@@ -22,7 +22,8 @@ from mlxbatch.pipeline.engine.readers import read, spread_loads
 
 
 class WeightsLoader:
-    """Starts loading at construction; returns once the structure (config, dtype) is known."""
+    """Starts loading at construction; `wait_built` returns once the structure (config,
+    dtype) is known, `model` once the weights are read."""
 
     def __init__(
         self,
@@ -45,6 +46,9 @@ class WeightsLoader:
         # an error, a signal) waits for the read; ending inside MLX aborted it (exit 134).
         self._thread = threading.Thread(target=self._load, name="mlxbatch-load")
         self._thread.start()
+
+    def wait_built(self) -> None:
+        """Wait for the model's structure; raises what failed while building it."""
         self._built.wait()
         if self._model is None:  # the build failed; a failed read is reported by model()
             self._thread.join()

@@ -64,11 +64,16 @@ class Engine:
                 quantize=quantize,
                 trust_remote_code=trust_remote_code,
             )
-            self.tokenizer = load_tokenizer(
-                path,
-                {"trust_remote_code": trust_remote_code},
-                eos_token_ids=load_config(path).get("eos_token_id"),
-            )
+            try:
+                self.tokenizer = load_tokenizer(
+                    path,
+                    {"trust_remote_code": trust_remote_code},
+                    eos_token_ids=load_config(path).get("eos_token_id"),
+                )
+            finally:
+                # The worker builds the model meanwhile. A failed build says more about a
+                # broken model directory than a tokenizer error does, so it is raised first.
+                self._weights.wait_built()
         except ModelLoadError:
             raise
         except Exception as e:  # hub, file-system and format errors all surface here
