@@ -63,3 +63,26 @@ def test_run_with_grouped_decode_attention_gives_the_same_text(tmp_path, tiny_mo
         # Padded decode steps of the 12-row batch took the grouped path only when chosen.
         assert (max(decode_steps, default=0) == 12) == (choice == "grouped")
     assert texts["grouped"] == texts["mlx"]
+
+
+def test_batch_attention_swaps_each_entry_and_walks_a_models_modules_once(tiny_model, monkeypatch):
+    from mlx_lm import load
+    from mlx_lm.models import base, llama
+
+    model = load(tiny_model)[0]
+    walks = []
+    real_modules = type(model).modules
+
+    def counted(self):
+        walks.append(self)
+        return real_modules(self)
+
+    monkeypatch.setattr(type(model), "modules", counted)
+    for _ in range(3):
+        with attention.batch_attention(model):
+            assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
+            with attention.batch_attention(model):  # nested: nothing more to swap or put back
+                pass
+            assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
+        assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    assert len(walks) == 1

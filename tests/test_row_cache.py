@@ -232,7 +232,8 @@ def test_extract_cuts_out_rows_as_mlx_lm_does():
 def test_filter_keeps_a_batch_whose_rows_all_stay_as_it_is_and_otherwise_filters_as_mlx_lm():
     mx.random.seed(3)
     keys, values = mx.random.normal((3, 2, 5, 4)), mx.random.normal((3, 2, 5, 4))
-    for padding, keep in (([0, 2, 1], [0, 1, 2]), ([1, 2, 3], [0, 1, 2]), ([0, 2, 1], [1, 2])):
+    cases = ([0, 2, 1], [0, 1, 2]), ([1, 2, 3], [0, 1, 2]), ([0, 2, 1], [1, 2]), ([3, 1, 2], [2, 0])
+    for padding, keep in cases:
         ours, theirs = RowBatchKVCache(padding), BatchKVCache(padding)
         for cache in (ours, theirs):
             cache.update_and_fetch(keys, values)
@@ -242,5 +243,8 @@ def test_filter_keeps_a_batch_whose_rows_all_stay_as_it_is_and_otherwise_filters
         if padding == [0, 2, 1] and keep == [0, 1, 2]:
             assert ours.keys is before  # nothing to copy
         assert ours.left_padding.tolist() == theirs.left_padding.tolist()
+        # The filtered padding is known on the host, for the next filter and masks.
+        assert ours._padding is not None and ours._padding[0] is ours.left_padding
+        assert ours._padding[1] == theirs.left_padding.tolist()
         assert ours.offset.tolist() == theirs.offset.tolist() and ours._idx == theirs._idx
         assert mx.array_equal(ours.keys[..., : ours._idx, :], theirs.keys[..., : theirs._idx, :])

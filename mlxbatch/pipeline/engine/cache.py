@@ -110,11 +110,23 @@ class RowBatchKVCache(BatchKVCache):
             self._right_padding = None
 
     def filter(self, batch_indices: Any) -> None:
-        """mlx-lm's filter, less its copy and padding read when every row stays in order (a
-        prompt batch whose rows all move on to decoding, as prefilled rows do)."""
-        keep_all = list(batch_indices) == list(range(self.left_padding.shape[0]))
-        if not (keep_all and min(self._left_padding_list(), default=0) == 0):
-            super().filter(batch_indices)
+        """mlx-lm's filter, with the padding kept on the host: mlx-lm reads it from the
+        device for every layer each time rows finish (24 syncs per finished step, 0.2 s of a
+        4.6 s synthetic run, H200). Nothing is copied when every row stays, in order."""
+        kept = [int(i) for i in batch_indices]  # mlx-lm passes a list
+        padding = self._left_padding_list()
+        kept_padding = [padding[i] for i in kept]
+        shift = min(kept_padding, default=0)  # padding every kept row has: cut off
+        if kept == list(range(len(padding))) and shift == 0:
+            return
+        index = mx.array(kept, mx.int32)
+        if self.keys is not None:
+            self.keys = self.keys[index][..., shift:, :]
+            self.values = self.values[index][..., shift:, :]
+        self._idx -= shift
+        self.offset = self.offset[index]
+        self.left_padding = self.left_padding[index] - shift
+        self._padding = (self.left_padding, [p - shift for p in kept_padding])
 
     def extend(self, other: Any) -> None:
         shared = self.prefix is not None or getattr(other, "prefix", None) is not None
