@@ -73,8 +73,9 @@ class BatchRun:
         # A prefix cache serves every part of its group: keyed by the prefix list's identity.
         new = {id(g.prefix): g.prefix for g in groups if g.prefix}
         new = {k: prefix for k, prefix in new.items() if k not in self.prefixes}
-        for key, cache in zip(new, self.engine.prefill_prefixes(list(new.values())), strict=True):
-            self.prefixes[key] = cache
+        if new:
+            prefilled = self.engine.prefill_prefixes(list(new.values()))
+            self.prefixes.update(zip(new, prefilled, strict=True))
         for group in groups:
             n = len(group.prefix)
             prompts = [t.prompt_ids[n:] for t in group.tasks]
