@@ -25,6 +25,13 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from mlxbatch.pipeline.engine.layout import (
+    after_prefix,
+    broadcast_rows,
+    gather_positions,
+    right_aligned,
+)
+
 _prefix_ids = itertools.count(1)
 
 
@@ -82,8 +89,8 @@ class RowBatchKVCache(BatchKVCache):
         if getattr(first, "share_prefix", False):
             cache.prefix, cache.prefix_id = (keys, values), first.prefix_id
             return cache
-        cache.keys = _broadcast_rows(keys, len(caches))
-        cache.values = _broadcast_rows(values, len(caches))
+        cache.keys = broadcast_rows(keys, len(caches))
+        cache.values = broadcast_rows(values, len(caches))
         cache._idx = n
         return cache
 
@@ -103,8 +110,8 @@ class RowBatchKVCache(BatchKVCache):
             padding = self._right_padding
             n = self.keys.shape[2]
             positions = (mx.arange(n)[None, :] - padding[:, None]) % n
-            self.keys = _gather_positions(self.keys, positions)
-            self.values = _gather_positions(self.values, positions)
+            self.keys = gather_positions(self.keys, positions)
+            self.values = gather_positions(self.values, positions)
             self.offset = self.offset - padding
             self.left_padding = self.left_padding + padding
             self._right_padding = None
@@ -144,16 +151,16 @@ class RowBatchKVCache(BatchKVCache):
         prefix_keys, prefix_values = self.prefix
         rows, length = self.left_padding.shape[0], prefix_keys.shape[2]
         if self.keys is None:
-            self.keys = _broadcast_rows(prefix_keys, rows)
-            self.values = _broadcast_rows(prefix_values, rows)
+            self.keys = broadcast_rows(prefix_keys, rows)
+            self.values = broadcast_rows(prefix_values, rows)
         else:
             # Row r's padding moves from after the prefix to before it.
             n = self.keys.shape[2] + length
             j = mx.arange(n)[None, :]
             pad = self.left_padding[:, None]
             positions = mx.where(j < pad, 0, mx.where(j < pad + length, j - pad, j))
-            self.keys = _gather_positions(_after_prefix(prefix_keys, self.keys), positions)
-            self.values = _gather_positions(_after_prefix(prefix_values, self.values), positions)
+            self.keys = gather_positions(after_prefix(prefix_keys, self.keys), positions)
+            self.values = gather_positions(after_prefix(prefix_values, self.values), positions)
         self._idx += length
         self.prefix, self.prefix_id = None, 0
 
@@ -205,11 +212,13 @@ class RowBatchKVCache(BatchKVCache):
         cache.left_padding = mx.concatenate([b.left_padding + idx - b._idx for b in batches])
         filled = [b for b in batches if b.keys is not None]
         if filled:
-            like_k, like_v = filled[0].keys, filled[0].values
-            cache.keys = mx.concatenate([_right_aligned(b, b.keys, like_k, idx) for b in batches])
-            cache.values = mx.concatenate(
-                [_right_aligned(b, b.values, like_v, idx) for b in batches]
-            )
+            for name in ("keys", "values"):
+                like = getattr(filled[0], name)
+                parts = [
+                    right_aligned(getattr(b, name), b.left_padding.shape[0], b._idx, like, idx)
+                    for b in batches
+                ]
+                setattr(cache, name, mx.concatenate(parts))
         return cache
 
     def _left_padding_list(self) -> list[int]:
@@ -288,29 +297,3 @@ def row_cache(model: Any, share_prefix: bool = False) -> list[Any]:
     if all(type(c) is KVCache for c in cache):
         return [RowKVCache(share_prefix) for _ in cache]
     return cache
-
-
-def _right_aligned(batch: RowBatchKVCache, x: Any, like: Any, length: int) -> Any:
-    """A batch's keys or values [B, H, _idx, D], padded on the left to `length` positions."""
-    rows = batch.left_padding.shape[0]
-    if x is None:
-        return mx.zeros((rows, like.shape[1], length, like.shape[3]), like.dtype)
-    x = x[..., : batch._idx, :]
-    pad = length - batch._idx
-    return mx.pad(x, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else x
-
-
-def _after_prefix(prefix: Any, rows: Any) -> Any:
-    return mx.concatenate([_broadcast_rows(prefix, rows.shape[0]), rows], axis=2)
-
-
-def _gather_positions(x: Any, positions: Any) -> Any:
-    """x [B, H, L, D] with each row's L axis taken at `positions` [B, L'] (head vectors whole)."""
-    b, h, n, d = x.shape
-    starts = (mx.arange(b * h) * n).reshape(b, h, 1)
-    flat = (starts + positions[:, None, :]).reshape(-1)
-    return x.reshape(b * h * n, d)[flat].reshape(b, h, positions.shape[1], d)
-
-
-def _broadcast_rows(x: Any, rows: int) -> Any:
-    return mx.contiguous(mx.broadcast_to(x, (rows, *x.shape[1:])))
