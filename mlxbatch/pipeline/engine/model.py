@@ -226,6 +226,14 @@ class Engine:
         return row_cache(self.model, share_prefix and self.shares_prefixes)
 
     @functools.cached_property
+    def prefills_rows(self) -> bool:
+        """Whether the engine prefills a group's rows after their prefix itself (prefix.py),
+        which leaves mlx-lm one token per row: only where the model's caches are plain KV."""
+        from mlxbatch.pipeline.engine.cache import RowKVCache
+
+        return all(isinstance(c, RowKVCache) for c in self.row_cache())
+
+    @functools.cached_property
     def shares_prefixes(self) -> bool:
         """Whether batches may hold a shared prefix once (see cache.py), checked once."""
         from mlxbatch.pipeline.engine.attention import can_share_prefixes
@@ -256,10 +264,9 @@ class Engine:
     def prefill_rows(self, prefix: list[Any], suffixes: list[list[int]]) -> list[Any] | None:
         """Each row's cache after its own tokens past `prefix` (a prefix cache), prefilled
         in batches of similar length (prefix.py); None where the caches are not plain KV."""
-        from mlxbatch.pipeline.engine.cache import RowKVCache
         from mlxbatch.pipeline.engine.prefix import prefill_rows
 
-        if not all(isinstance(c, RowKVCache) for c in prefix):
+        if not self.prefills_rows:
             return None
         return prefill_rows(
             self.model, prefix, suffixes, tokens_per_step=self.prefill_tokens_per_step

@@ -1,0 +1,48 @@
+"""Batch sizes a window is generated with: prefill batches sized by what mlx-lm prefills."""
+
+from __future__ import annotations
+
+from mlxbatch.jobs.dispatch import generate_window
+from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.records import GenParams, Task
+
+PREFIX = list(range(1, 101))
+
+
+class SizingEngine:
+    """What generate_window asks of an engine to size batches; records what it is given."""
+
+    kv_bytes_per_token = 1000
+    prefill_tokens_per_step = 512
+
+    def __init__(self, prefills_rows: bool):
+        self.prefills_rows = prefills_rows
+        self.sizes: list[tuple[int, int]] = []
+
+    def memory_budget(self) -> int:
+        return 10**9
+
+    def generate(self, groups, *, completion_batch_size, prefill_batch_size, **kwargs) -> bool:
+        self.sizes.append((completion_batch_size, prefill_batch_size))
+        return True
+
+
+def _rows(n: int) -> list[Task]:
+    return [
+        Task(f"k{i}", i, i + 1, i, 0, PREFIX + [200 + i] * 150, GenParams(max_tokens=8))
+        for i in range(n)
+    ]
+
+
+def test_rows_the_engine_prefills_after_their_prefix_reach_mlx_lm_in_one_prefill_batch():
+    sizes = {}
+    for prefills_rows in (True, False):
+        engine = SizingEngine(prefills_rows)
+        generate_window(_rows(64), JobSpec(), engine, lambda r: None, lambda: False)
+        sizes[prefills_rows] = engine.sizes
+    # The engine leaves mlx-lm one token a row: a whole decode batch in one pass, not 512 // 150 = 3 rows.
+    assert sizes == {True: [(512, 512)], False: [(512, 3)]}
+    engine = SizingEngine(True)
+    no_reuse = JobSpec(prefix_cache=False)
+    generate_window(_rows(64), no_reuse, engine, lambda r: None, lambda: False)
+    assert engine.sizes == [(512, 2)]  # whole prompts of 250 tokens
