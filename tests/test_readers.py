@@ -102,3 +102,25 @@ def test_a_weights_file_cut_short_is_a_load_error(tmp_path, tiny_model):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="exceeding the size of the file"):
         Engine(str(copy)).model  # noqa: B018
+
+
+def test_one_build_at_a_time_swaps_mlx_lms_module():
+    first_in, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def build(entered: threading.Event, hold: bool) -> None:
+        with readers.spread_loads(mx.cpu):
+            entered.set()
+            if hold:
+                release.wait(timeout=10)
+
+    first = threading.Thread(target=build, args=(first_in, True))
+    first.start()
+    assert first_in.wait(timeout=10)
+    second = threading.Thread(target=build, args=(second_in, False))
+    second.start()
+    assert not second_in.wait(timeout=0.3)  # waits for the first build to put mx back
+    release.set()
+    assert second_in.wait(timeout=10)
+    first.join()
+    second.join()
+    assert mlx_lm.utils.mx is mx

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 READERS = 4  # at most; no more than the host's cores
+_SWAP_LOCK = threading.Lock()
 
 
 class SpreadLoads:
@@ -61,11 +62,13 @@ def spread_loads(device: Any) -> Iterator[SpreadLoads]:
 
     count = max(1, min(READERS, os.cpu_count() or 1))
     spread = SpreadLoads(mx, [mx.new_thread_unsafe_stream(device) for _ in range(count)])
-    mlx_lm.utils.mx = spread
-    try:
-        yield spread
-    finally:
-        mlx_lm.utils.mx = mx
+    # One build at a time swaps the module: two would put each other's tensors in their shares.
+    with _SWAP_LOCK:
+        mlx_lm.utils.mx = spread
+        try:
+            yield spread
+        finally:
+            mlx_lm.utils.mx = mx
 
 
 def read(shares: list[list[Any]], parameters: list[Any]) -> None:
