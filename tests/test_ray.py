@@ -19,16 +19,15 @@ import pytest
 from click.testing import CliRunner
 
 from mlxbatch.cli import cli
-from mlxbatch.jobs import ray_executor
-from mlxbatch.jobs.ray_connect import worker_plan
-from mlxbatch.jobs.ray_executor import (
+from mlxbatch.jobs.chunks import (
     MAX_CHUNK_FAILURES,
+    MAX_CHUNK_ROWS,
     Chunk,
-    RayExecutorError,
-    RayPool,
     after_failure,
     split_chunks,
 )
+from mlxbatch.jobs.ray_connect import RayExecutorError, worker_plan
+from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.runner import run_job
 from mlxbatch.jobs.spec import JobSpec, build_spec, load_job_file
 from mlxbatch.jobs.store import Store
@@ -66,7 +65,7 @@ def test_chunks_are_length_sorted_and_cover_every_task_once():
     assert lengths == sorted(lengths)
     assert len(chunks) == 12  # about CHUNKS_PER_WORKER per worker: 101 rows in chunks of 9
     big = split_chunks([task(i, 3) for i in range(5000)], workers=1)
-    assert max(len(c.tasks) for c in big) == ray_executor.MAX_CHUNK_ROWS
+    assert max(len(c.tasks) for c in big) == MAX_CHUNK_ROWS
 
 
 def test_a_chunk_that_keeps_killing_workers_shrinks_to_one_error_row():

@@ -34,13 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxbatch.jobs.chunks import (
-    MAX_CHUNK_FAILURES,
-    MAX_CHUNK_ROWS,
-    Chunk,
-    after_failure,
-    split_chunks,
-)
+from mlxbatch.jobs.chunks import Chunk, after_failure, split_chunks
 from mlxbatch.jobs.ray_connect import (
     RayExecutorError,
     connect,
@@ -50,17 +44,6 @@ from mlxbatch.jobs.ray_connect import (
 from mlxbatch.jobs.ray_worker import Worker
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.records import Result, Task
-
-__all__ = [
-    "MAX_CHUNK_FAILURES",
-    "MAX_CHUNK_ROWS",
-    "Chunk",
-    "RayExecutorError",
-    "RayPool",
-    "Worker",
-    "after_failure",
-    "split_chunks",
-]
 
 log = logging.getLogger("mlxbatch.ray")
 
