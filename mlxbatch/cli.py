@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from mlxbatch import __version__
 from mlxbatch.jobs.spec import JobSpec, build_spec, default_store, load_job_file
-from mlxbatch.options import generation_options, input_options
+from mlxbatch.options import generation_options, input_options, store_option
 from mlxbatch.records import InputProblems
 
 EXIT_INPUT = 1
@@ -115,7 +115,7 @@ def process(ctx: click.Context, **params: Any) -> None:
         return
     summary = run_job(spec)
     if not spec.quiet:
-        click.echo(_summary_line(summary), err=True)
+        click.echo(summary.line(), err=True)
     if summary.signal is not None:
         ctx.exit(128 + summary.signal)
     if summary.deadline_reached:
@@ -131,16 +131,6 @@ def process(ctx: click.Context, **params: Any) -> None:
             err=True,
         )
         ctx.exit(EXIT_INPUT)
-
-
-def _summary_line(s: Any) -> str:
-    state = "interrupted" if s.status == "interrupted" else "done"
-    return (
-        f"mlxbatch: {state}: {s.ok + s.cached} ok ({s.cached} cached), {s.failed} failed of "
-        f"{s.rows} rows; {s.prompt_tokens} prompt + {s.generated_tokens} generated tokens; "
-        f"{s.tokens_per_second:.1f} tok/s; {s.wall:.1f} s; peak memory "
-        f"{s.peak_memory / 2**20:.0f} MiB -> {s.output}"
-    )
 
 
 @cli.command()
@@ -164,9 +154,7 @@ def _store_for(path: str, store: str | None) -> str:
 
 @cli.command()
 @click.argument("output", type=click.Path())
-@click.option(
-    "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
-)
+@store_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_handle_input_problems
 def status(output: str, store: str | None, as_json: bool) -> None:
@@ -183,9 +171,7 @@ def status(output: str, store: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("output", type=click.Path())
-@click.option(
-    "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
-)
+@store_option
 @click.option(
     "-o",
     "--to",

@@ -1,4 +1,5 @@
-"""Click options shared by `process` and `validate`: the input, and generation settings.
+"""Click options shared by commands: the input and generation settings (`process`,
+`validate`), the result store (`status`, `export`).
 
 Declarations only, with the callbacks that check a value as it is parsed (`--ray`,
 `--deadline`); turning options into a JobSpec is cli.py's `_spec`.
@@ -277,3 +278,8 @@ def generation_options(f: Callable) -> Callable:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+store_option = click.option(
+    "--store", type=click.Path(), help="Result store  [default: <output>.mlxbatch.sqlite]"
+)

@@ -68,6 +68,16 @@ class RunSummary:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
 
+    def line(self) -> str:
+        """The one line `mlxbatch process` ends with."""
+        state = "interrupted" if self.status == "interrupted" else "done"
+        return (
+            f"mlxbatch: {state}: {self.ok + self.cached} ok ({self.cached} cached), "
+            f"{self.failed} failed of {self.rows} rows; {self.prompt_tokens} prompt + "
+            f"{self.generated_tokens} generated tokens; {self.tokens_per_second:.1f} tok/s; "
+            f"{self.wall:.1f} s; peak memory {self.peak_memory / 2**20:.0f} MiB -> {self.output}"
+        )
+
 
 class Committer:
     """Buffers finished results; one store transaction per batch; periodic checkpoints."""
