@@ -124,3 +124,16 @@ def test_one_build_at_a_time_swaps_mlx_lms_module():
     first.join()
     second.join()
     assert mlx_lm.utils.mx is mx
+
+
+def test_a_model_in_two_weight_files_is_read_whole(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(readers.os, "cpu_count", lambda: 4)
+    sharded = Path(shutil.copytree(tiny_model, tmp_path / "sharded"))
+    weights = mx.load(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    for i, part in enumerate((names[::2], names[1::2])):
+        file = sharded / f"model-0000{i + 1}-of-00002.safetensors"
+        mx.save_safetensors(str(file), {n: weights[n] for n in part}, metadata={"format": "mlx"})
+    ids = mx.array([[5, 9, 14, 3]])
+    assert mx.array_equal(Engine(str(sharded)).model(ids), load(tiny_model)[0](ids)).item()
