@@ -144,3 +144,16 @@ def test_a_prompt_batch_moving_on_whole_is_handed_over_and_a_part_is_split_as_ml
     for got, want in ((part, expected), (ours, theirs)):
         for a, b in zip(got.prompt_cache, want.prompt_cache, strict=True):
             assert mx.array_equal(a.keys, b.keys).item()
+
+
+def test_a_generator_run_never_deep_copies_a_prompt_batch_that_moves_on_whole(model, monkeypatch):
+    def no_copy(self):
+        raise AssertionError("prompt batch deep-copied")
+
+    monkeypatch.setattr(PromptProcessingBatch, "_copy", no_copy)
+    prompts = [[5, 9, 14], [3, 22, 40, 41, 7], [8, 11]]
+    with batch_classes():
+        steps, _ = _steps(model, prompts)
+    assert len(steps) == 3 + 5 + 4
+    with pytest.raises(AssertionError, match="deep-copied"):
+        _steps(model, prompts)  # mlx-lm's own batches copy
