@@ -1,12 +1,12 @@
 """Read a model's weight tensors on several threads at once.
 
 MLX reads a lazily loaded tensor on the thread that evaluates it, synchronously, one tensor
-after another (on CUDA: into a fresh host buffer, then a copy to the device). One thread read
-a 0.5B bf16 model in 0.24-0.26 s on an H200 host; four threads, each on its own stream, in
-0.12-0.17 s (eight: 0.14 s). Here mlx-lm's own `load_model` builds the model as usual, but
-each weights file it opens has its tensors spread over the readers' streams, largest first,
-so the readers' shares are about equal in bytes; `read` then evaluates each share on its own
-thread.
+after another (on CUDA: into a fresh host buffer, then a copy to the device). Inside a run on
+an H200 host, one thread read a 0.5B bf16 model in 0.20-0.22 s, four threads, each on its own
+stream, in 0.14-0.18 s, eight no faster. Here mlx-lm's own `load_model` builds the model as
+usual, but each weights file it opens has its tensors spread over the readers' streams,
+largest first, so the readers' shares are about equal in bytes; `read` then evaluates each
+share on its own thread.
 
 It does not decide dtype, quantization or adapters (load.py), nor read anything but the
 `.safetensors` files mlx-lm opens with `mx.load`.
