@@ -265,7 +265,7 @@ def _export_dataset(
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def doctor(as_json: bool) -> None:
-    """Check the MLX install: versions, device, memory, and the BLAS in use on Linux CPUs."""
+    """Check the MLX install: versions, device, memory, speed settings, and the BLAS in use."""
     from mlxbatch.pipeline.engine import describe_runtime
 
     report = describe_runtime()
@@ -278,6 +278,8 @@ def doctor(as_json: bool) -> None:
     memory = info.get("memory_size") or info.get("total_memory")
     if memory:
         click.echo(f"device memory: {int(memory) / 2**30:.1f} GiB")
+    settings = report["settings"]
+    click.echo(f"settings: {' '.join(f'{k}={v}' for k, v in settings.items()) or 'none'}")
     if "blas" in report and "cpu" in report["device"].lower():
         if report["openblas"]:
             click.echo("blas: OpenBLAS (fast float32 matmul on CPU)")

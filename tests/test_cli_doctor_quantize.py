@@ -21,6 +21,19 @@ def test_doctor_reports_versions_device_and_blas():
         assert ("blas: OpenBLAS" in text) == report["openblas"]
 
 
+def test_doctor_reports_the_speed_settings_a_run_uses(monkeypatch):
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER", raising=False)
+    report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).stdout)
+    # The graph cache size is mlxbatch's default unless set; unset settings are left out.
+    assert report["settings"]["MLX_USE_CUDA_GRAPHS"] == "0"
+    assert report["settings"]["MLX_CUDA_GRAPH_CACHE_SIZE"]
+    assert "MLX_MAX_OPS_PER_BUFFER" not in report["settings"]
+    lines = CliRunner().invoke(cli, ["doctor"]).stdout.splitlines()
+    settings = next(line for line in lines if line.startswith("settings: "))
+    assert "MLX_USE_CUDA_GRAPHS=0" in settings.split()
+
+
 def test_quantize_in_memory_changes_results_and_key(tmp_path, tiny_model):
     f = write_jsonl(
         tmp_path / "p.jsonl", [{"prompt": f"{i} the cat sat on the mat"} for i in range(4)]

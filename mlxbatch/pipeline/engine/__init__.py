@@ -8,11 +8,15 @@ rows, where a row that still fails becomes an error record. Ordering and batch s
 decided by the caller (pipeline/plan.py).
 
 - model.py      Engine: load, dtype, memory budget, generate
-- load.py       the weights read on a worker thread while the caller renders
+- load.py       the model built and its weights read on a worker thread while the caller
+                loads the tokenizer and renders
+- readers.py    the weight tensors read on several threads at once
 - batch.py      one BatchGenerator run over prefix groups, stop strings, logprobs
-- decode.py     mlx-lm's decode step without a per-row logprobs split or a wasted last step
+- decode.py     mlx-lm's decode step without a per-row logprobs split or a wasted last step,
+                and prompt batches handed over to decoding without a copy
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
+- layout.py     array operations on batch KV layouts (re-align, gather, broadcast rows)
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix
 - score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes (and whether a model takes them),

@@ -1,9 +1,20 @@
-"""What `mlxbatch doctor` reports: versions, device, and which BLAS MLX runs on."""
+"""What `mlxbatch doctor` reports: versions, device, which BLAS MLX runs on, and the
+environment settings that change how fast MLX and mlxbatch run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+# Read by MLX at its first CUDA launch, or by mlxbatch (README, Performance, says what each does).
+SETTINGS = (
+    "MLX_CUDA_GRAPH_CACHE_SIZE",
+    "MLX_USE_CUDA_GRAPHS",
+    "MLX_MAX_OPS_PER_BUFFER",
+    "MLX_MAX_MB_PER_BUFFER",
+    "MLXBATCH_DECODE_ATTENTION",
+)
 
 
 def describe_runtime() -> dict[str, Any]:
@@ -31,4 +42,6 @@ def describe_runtime() -> dict[str, Any]:
         report["llguidance"] = version("llguidance")
     except Exception:
         report["llguidance"] = None
+    # The engine package sets MLX_CUDA_GRAPH_CACHE_SIZE on import, so this shows what a run uses.
+    report["settings"] = {name: os.environ[name] for name in SETTINGS if name in os.environ}
     return report
