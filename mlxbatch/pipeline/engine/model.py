@@ -227,8 +227,9 @@ class Engine:
 
     @functools.cached_property
     def prefills_rows(self) -> bool:
-        """Whether the engine prefills a group's rows after their prefix itself (prefix.py),
-        which leaves mlx-lm one token per row: only where the model's caches are plain KV."""
+        """Whether the engine prefills prefixes (several together) and the rows after them
+        itself (prefix.py), which leaves mlx-lm one token per row: only where the model's
+        caches are plain KV."""
         from mlxbatch.pipeline.engine.cache import RowKVCache
 
         return all(isinstance(c, RowKVCache) for c in self.row_cache())
@@ -245,11 +246,10 @@ class Engine:
         several prefixes are prefilled together where the model's caches allow (prefix.py)."""
         import mlx.core as mx
 
-        from mlxbatch.pipeline.engine.cache import RowKVCache
         from mlxbatch.pipeline.engine.prefix import prefill, prefill_prefixes
 
         self.stats.prefix_tokens += sum(len(p) for p in prefixes)
-        if all(isinstance(c, RowKVCache) for c in self.row_cache()):
+        if self.prefills_rows:
             return prefill_prefixes(
                 self.model,
                 prefixes,
