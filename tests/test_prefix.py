@@ -7,7 +7,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
+from mlxbatch.pipeline.engine import prefix as prefix_module
 from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.decode import batch_classes
 from mlxbatch.pipeline.engine.prefix import _batches, prefill, prefill_prefixes, prefill_rows
 from tests.conftest import WORDS, read_jsonl, write_jsonl
 from tests.test_cli_process import process
@@ -80,6 +82,58 @@ def test_rows_prefilled_in_length_batches_generate_the_tokens_of_whole_prompts(m
     assert len({id(r[0].batch) for r in rows}) == 1
     ours = _generate(model, [s[-1:] for s in SUFFIXES], caches=rows, prefill=len(rows))
     assert ours == theirs
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_prefill_queues_each_step_before_waiting_for_the_one_ahead(model, monkeypatch, wait):
+    steps: dict[int, int] = {}
+    calls: list[tuple[str, int]] = []
+    real_async, real_eval = mx.async_eval, mx.eval
+
+    def queue(arrays):
+        steps[id(arrays)] = len(steps)
+        calls.append(("queue", steps[id(arrays)]))
+        real_async(arrays)
+
+    def wait_for(arrays):
+        calls.append(("wait", steps[id(arrays)]))
+        real_eval(arrays)
+
+    monkeypatch.setattr(prefix_module, "PREFILL_STEP", 3)
+    monkeypatch.setattr(mx, "async_eval", queue)
+    monkeypatch.setattr(mx, "eval", wait_for)
+    cache = row_cache(model)
+    prefill(model, mx.array([PREFIX]), cache, wait=wait)  # 7 tokens: 3 steps
+    expected = [("queue", 0), ("queue", 1), ("wait", 0), ("queue", 2), ("wait", 1)]
+    assert calls == expected + ([("wait", 2)] if wait else [])
+    monkeypatch.undo()
+    whole = _prefilled(model, PREFIX)[-1]
+    assert mx.allclose(cache[-1].keys[..., :7, :], whole.keys[..., :7, :], atol=1e-4).item()
+
+
+@pytest.mark.parametrize("order", [list(range(len(SUFFIXES))), [3, 0, 4, 2, 1]])
+def test_rows_after_a_prefix_decode_without_reading_their_padding_from_the_device(
+    model, monkeypatch, order
+):
+    """A read of the padding waits for every pass queued before it; the host keeps it, so
+    mlx-lm's first decode steps are built while the rows' prefill still runs."""
+    suffixes = [SUFFIXES[i] for i in order]
+    theirs = _generate(model, [PREFIX + s for s in suffixes])
+    reads = []
+    known = RowBatchKVCache._known_padding
+
+    def spy(self):
+        padding = known(self)
+        reads.append(padding is None)
+        return padding
+
+    monkeypatch.setattr(RowBatchKVCache, "_known_padding", spy)
+    prefix = _prefilled(model, PREFIX, share_prefix=True)
+    rows = prefill_rows(model, prefix, [s[:-1] for s in suffixes], tokens_per_step=12)
+    with batch_classes():
+        ours = _generate(model, [s[-1:] for s in suffixes], caches=rows, prefill=len(rows))
+    assert ours == theirs
+    assert reads and not any(reads)
 
 
 def test_prefilled_rows_merge_back_without_a_copy_and_mix_with_other_rows(model):

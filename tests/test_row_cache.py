@@ -106,6 +106,25 @@ def test_finalize_rolls_right_padded_rows_as_mlx_lm_does():
     assert mx.array_equal(ours.values, theirs.values).item()
 
 
+def test_padding_stays_known_on_the_host_through_finalize_pick_and_stack():
+    mx.random.seed(2)
+    batches = []
+    for right in ([1, 3, 0], [0, 2]):
+        cache = RowBatchKVCache([0] * len(right))
+        cache.prepare(lengths=[9 - r for r in right], right_padding=right)
+        cache.update_and_fetch(
+            mx.random.normal((len(right), 2, 9, 4)), mx.random.normal((len(right), 2, 9, 4))
+        )
+        cache.finalize()
+        assert cache._known_padding() == cache.left_padding.tolist() == right
+        batches.append(cache)
+    batches[1].update_and_fetch(mx.random.normal((2, 2, 2, 4)), mx.random.normal((2, 2, 2, 4)))
+    stacked = RowBatchKVCache.stack(batches)
+    assert stacked._known_padding() == stacked.left_padding.tolist() == [3, 5, 2, 0, 2]
+    picked = stacked.pick([4, 0, 1])
+    assert picked._known_padding() == picked.left_padding.tolist() == [2, 3, 5]
+
+
 def test_row_caches_generate_the_tokens_mlx_lm_caches_do(model, monkeypatch):
     masks = []
     make_mask = RowBatchKVCache.make_mask

@@ -53,6 +53,7 @@ class RowBatchKVCache(BatchKVCache):
     prefix: tuple[Any, Any] | None = None  # keys, values: [1, kv_heads, length, head_dim]
     prefix_id: int = 0  # equal for batches holding the same prefix (copies included)
     _padding: tuple[Any, list[int]] | None = None  # left_padding and its values, read once
+    _right_list: list[int] | None = None  # prepare's right padding, for finalize's memo
 
     def __init__(self, left_padding: list[int]):
         super().__init__(left_padding)
@@ -113,8 +114,14 @@ class RowBatchKVCache(BatchKVCache):
             self.keys = gather_positions(self.keys, positions)
             self.values = gather_positions(self.values, positions)
             self.offset = self.offset - padding
+            known = self._known_padding()
             self.left_padding = self.left_padding + padding
-            self._right_padding = None
+            if known is not None and self._right_list is not None:
+                self._padding = (
+                    self.left_padding,
+                    [a + b for a, b in zip(known, self._right_list, strict=True)],
+                )
+            self._right_padding = self._right_list = None
 
     def filter(self, batch_indices: Any) -> None:
         """mlx-lm's filter, with the padding kept on the host: mlx-lm reads it from the
@@ -168,6 +175,8 @@ class RowBatchKVCache(BatchKVCache):
         if kwargs.get("left_padding") is not None:
             self._padding = None  # mlx-lm changes left_padding in place here
         super().prepare(**kwargs)
+        right = kwargs.get("right_padding")
+        self._right_list = list(right) if right is not None else None
 
     def extract(self, idx: int) -> Any:
         """One row's cache, as mlx-lm's extract cuts it out (with the prefix in front).
@@ -195,6 +204,9 @@ class RowBatchKVCache(BatchKVCache):
         if self.keys is not None:
             cache.keys, cache.values = self.keys[index], self.values[index]
         cache.offset, cache.left_padding = self.offset[index], self.left_padding[index]
+        known = self._known_padding()
+        if known is not None:
+            cache._padding = (cache.left_padding, [known[i] for i in picked])
         cache._idx, cache.prefix, cache.prefix_id = self._idx, self.prefix, self.prefix_id
         return cache
 
@@ -210,6 +222,12 @@ class RowBatchKVCache(BatchKVCache):
         cache._idx, cache.prefix, cache.prefix_id = idx, first.prefix, first.prefix_id
         cache.offset = mx.concatenate([b.offset for b in batches])
         cache.left_padding = mx.concatenate([b.left_padding + idx - b._idx for b in batches])
+        known = [b._known_padding() for b in batches]
+        if all(k is not None for k in known):
+            shifted = [
+                p + idx - b._idx for b, k in zip(batches, known, strict=True) for p in k or ()
+            ]
+            cache._padding = (cache.left_padding, shifted)
         filled = [b for b in batches if b.keys is not None]
         if filled:
             for name in ("keys", "values"):
@@ -222,11 +240,17 @@ class RowBatchKVCache(BatchKVCache):
         return cache
 
     def _left_padding_list(self) -> list[int]:
-        # Every other change to left_padding binds a new array, so its identity tells.
+        known = self._known_padding()
+        if known is None:  # a read from the device: it waits for every step queued before it
+            known = self.left_padding.tolist()
+            self._padding = (self.left_padding, known)
+        return known
+
+    def _known_padding(self) -> list[int] | None:
+        """left_padding as kept on the host, where it is still current. Every other change
+        to left_padding binds a new array, so its identity tells."""
         memo = self._padding
-        if memo is None or memo[0] is not self.left_padding:
-            memo = self._padding = (self.left_padding, self.left_padding.tolist())
-        return memo[1]
+        return memo[1] if memo is not None and memo[0] is self.left_padding else None
 
     @property
     def nbytes(self) -> int:

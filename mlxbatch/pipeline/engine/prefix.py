@@ -30,12 +30,21 @@ MAX_PADDING = 0.125
 def prefill(model: Any, ids: Any, cache: list[Any], *, wait: bool = True) -> None:
     """Run token ids [rows, L] into `cache`, PREFILL_STEP tokens at a time.
 
-    With `wait` off the steps are only queued, so the caller builds its next batch while the
-    device computes this one.
+    Each step is queued before the one ahead of it is waited for: the device goes from step
+    to step without waiting for the host, and no more than two steps' activations are alive.
+    With `wait` off the last step is left queued too, so the caller goes on (builds its next
+    batch, or the first decode step) while the device computes it.
     """
+    queued = None
     for start in range(0, ids.shape[1], PREFILL_STEP):
         model(ids[:, start : start + PREFILL_STEP], cache=cache)
-        (mx.eval if wait else mx.async_eval)([c.state for c in cache])
+        state = [c.state for c in cache]
+        mx.async_eval(state)
+        if queued is not None:
+            mx.eval(queued)
+        queued = state
+    if wait and queued is not None:
+        mx.eval(queued)
 
 
 def prefill_prefixes(
@@ -49,7 +58,8 @@ def prefill_prefixes(
     for batch in _batches([len(p) for p in prefixes], tokens_per_step):
         if len(batch) == 1:
             caches[batch[0]] = row_cache(model, share_prefix)
-            prefill(model, mx.array(prefixes[batch[0]])[None], caches[batch[0]])
+            # Not waited for: the rows after it are queued behind it.
+            prefill(model, mx.array(prefixes[batch[0]])[None], caches[batch[0]], wait=False)
             continue
         cut = _prefill_batch(model, [prefixes[i] for i in batch], share_prefix)
         for i, cache in zip(batch, cut, strict=True):
@@ -99,7 +109,9 @@ def prefill_rows(
     # Rows in the order given: batches are in length order, so put them back.
     order = [i for batch, _ in parts for i in batch]
     stacked = [RowBatchKVCache.stack([p[k] for _, p in parts]) for k in range(len(prefix))]
-    mx.eval([c.state for c in stacked])
+    # Queued, not waited for: mlx-lm's first decode step is built and queued behind these
+    # passes (the padding it needs is kept on the host, cache.py).
+    mx.async_eval([c.state for c in stacked])
     handles: list[list[PrefilledRow]] = [[] for _ in suffixes]
     for position, i in enumerate(order):
         handles[i] = [PrefilledRow(layer, position) for layer in stacked]
