@@ -17,6 +17,7 @@ decided by the caller (pipeline/plan.py).
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      row caches: a shared prefix held once per batch, causal prefill masks
 - layout.py     array operations on batch KV layouts (re-align, gather, broadcast rows)
+- cut_row.py    one row of a batch cache, cut out when first read
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix
 - score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes (and whether a model takes them),

@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from mlxbatch.pipeline.engine.cut_row import CutRow
 from mlxbatch.pipeline.engine.layout import (
     after_prefix,
     broadcast_rows,
@@ -192,7 +193,7 @@ class RowBatchKVCache(BatchKVCache):
         afterwards (filter, extend, another step)."""
         keys, values, end, prefix = self.keys, self.values, self._idx, self.prefix
         starts = self._left_padding_list() if keys is not None else None
-        return lambda idx: _CutRow(keys, values, idx, starts[idx] if starts else 0, end, prefix)
+        return lambda idx: CutRow(keys, values, idx, starts[idx] if starts else 0, end, prefix)
 
     def pick(self, picked: list[int]) -> RowBatchKVCache:
         """This cache if `picked` is all of its rows in order, else a new cache of those rows
@@ -256,32 +257,6 @@ class RowBatchKVCache(BatchKVCache):
     def nbytes(self) -> int:
         own = super().nbytes
         return own + (sum(p.nbytes for p in self.prefix) if self.prefix is not None else 0)
-
-
-class _CutRow(KVCache):
-    """One row of a batch cache, sliced from it on first use of keys, values or offset."""
-
-    def __init__(self, keys: Any, values: Any, row: int, start: int, end: int, prefix: Any):
-        # No KVCache.__init__: its keys/values/offset would hide __getattr__.
-        self._source = (keys, values, row, start, end, prefix)
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in ("keys", "values", "offset") or "_source" not in self.__dict__:
-            raise AttributeError(name)
-        keys, values, row, start, end, prefix = self.__dict__.pop("_source")
-        if keys is not None:
-            keys = mx.contiguous(keys[row : row + 1, :, start:end])
-            values = mx.contiguous(values[row : row + 1, :, start:end])
-        if prefix is not None:
-            prefix_keys, prefix_values = prefix
-            if keys is None:
-                keys, values = prefix_keys, prefix_values
-            else:
-                keys = mx.concatenate([prefix_keys, keys], axis=2)
-                values = mx.concatenate([prefix_values, values], axis=2)
-        self.keys, self.values = keys, values
-        self.offset = 0 if keys is None else keys.shape[2]
-        return getattr(self, name)
 
 
 class PrefilledRow:
