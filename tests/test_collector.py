@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from mlxbatch.jobs.collector import young_collections_only
+from mlxbatch.jobs.collector import YOUNG_THRESHOLD, young_collections_only
 from mlxbatch.pipeline.engine import Engine
 from tests.conftest import read_jsonl, write_jsonl
 from tests.test_cli_process import process
@@ -58,6 +58,6 @@ def test_a_run_generates_with_young_collections_only_and_puts_the_thresholds_bac
     out = tmp_path / "out.jsonl"
     result = process(str(f), "-m", tiny_model, "--max-tokens", "3", "-o", str(out))
     assert result.exit_code == 0, result.output
-    assert len(seen) == 1 and seen[0][2] > 10**8
+    assert len(seen) == 1 and seen[0][2] > 10**8 and seen[0][0] >= YOUNG_THRESHOLD > before[0]
     assert gc.get_threshold() == before
     assert [r["error"] for r in read_jsonl(out)] == [None, None]
