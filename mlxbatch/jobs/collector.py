@@ -1,4 +1,4 @@
-"""No full garbage collections while a run goes on; young ones as usual.
+"""No full garbage collections while a run goes on, and fewer young ones.
 
 A run allocates many small objects (tasks, per-step responses, cache handles), so the
 collector runs often, and every so often it makes a full collection, which walks every object
@@ -12,8 +12,8 @@ a process running thousands of runs ran out of file descriptors.) The youngest g
 collected every YOUNG_THRESHOLD allocations instead of 700: most of a run's objects are freed
 by reference counting before then, so the collector scans far fewer (512 labelling rows with
 generation stubbed out, 2-core CPU: 34 collections taking 6-18 ms a run became 2 taking
-0.5-7 ms, ~1 ms in most runs). Reference counting
-frees what a run drops, as before; only cycles wait longer to be collected.
+0.5-7 ms, ~1 ms in most runs). Reference counting frees what a run drops, as before; only
+cycles wait longer to be collected.
 """
 
 from __future__ import annotations
