@@ -3,8 +3,10 @@
 What it does: builds or reuses the benchmark model and workload (as benchmarks.run does), runs
 mlxbatch once to warm up, then once more with the pipeline's stage functions wrapped in timers
 that synchronize the device when the stage returns, so GPU work is charged to the stage that
-queued it. Prints each stage's calls and seconds (indented: parts of the stage above), what is
-left of the wall clock, and the time Python's garbage collector took. `--set MODULE.NAME=VALUE`
+queued it. Prints each stage's calls, seconds and peak MLX memory (indented: parts of the
+stage above), what is left of the wall clock, and the time Python's garbage collector took.
+`--clear-cache` empties MLX's buffer cache before each timed run, as benchmarks.run does, so
+the run allocates afresh as a new process would. `--set MODULE.NAME=VALUE`
 changes a tuning constant for an A/B run; `--profile` adds one untimed run under pyinstrument
 (when installed) and prints where the host's time went.
 
@@ -29,6 +31,8 @@ from typing import Any
 from benchmarks.models import BENCH_DIR, model_dir
 from benchmarks.run import _token_counter
 from benchmarks.workloads import WORKLOADS, make_workload, write_subset
+
+GIB = 1 << 30
 
 # (module, attribute path, label): stages in the order they first run.
 STAGES = (
@@ -63,8 +67,38 @@ STAGES = (
 )
 
 
+class StagePeaks:
+    """Peak MLX memory per stage of the main thread. MLX keeps one peak counter, so it is read
+    and reset at every stage boundary, and each reading is credited to every stage then open
+    (a stage's parents included). Memory the loader's threads allocate meanwhile counts for
+    the main thread's open stage."""
+
+    def __init__(self) -> None:
+        self.open: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self.run = 0
+
+    def _credit(self) -> None:
+        import mlx.core as mx
+
+        # After a reset the counter reads 0 until the next allocation: what is held counts too.
+        peak = max(mx.get_peak_memory(), mx.get_active_memory())
+        mx.reset_peak_memory()
+        self.run = max(self.run, peak)
+        for label in self.open:
+            self.peaks[label] = max(self.peaks.get(label, 0), peak)
+
+    def enter(self, label: str) -> None:
+        self._credit()
+        self.open.append(label)
+
+    def leave(self, label: str) -> None:
+        self._credit()
+        self.open.remove(label)
+
+
 @contextlib.contextmanager
-def timed_stages() -> Iterator[dict[str, list[float]]]:
+def timed_stages(peaks: StagePeaks) -> Iterator[dict[str, list[float]]]:
     """Wrap every stage in STAGES with a synchronizing timer; yields label -> [calls, s]."""
     import mlx.core as mx
 
@@ -78,6 +112,9 @@ def timed_stages() -> Iterator[dict[str, list[float]]]:
         original = getattr(owner, name)
 
         def wrapper(*args: Any, __f: Any = original, __label: str = label, **kw: Any) -> Any:
+            main = "(worker)" not in __label
+            if main:
+                peaks.enter(__label)
             t0 = time.perf_counter()
             try:
                 return __f(*args, **kw)
@@ -85,6 +122,8 @@ def timed_stages() -> Iterator[dict[str, list[float]]]:
                 mx.synchronize()
                 totals[__label][0] += 1
                 totals[__label][1] += time.perf_counter() - t0
+                if main:
+                    peaks.leave(__label)
 
         setattr(owner, name, functools.wraps(original)(wrapper))
         undo.append((owner, name, original))
@@ -124,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
     p.add_argument("--profile", action="store_true", help="one more run under pyinstrument")
     p.add_argument(
+        "--clear-cache",
+        action="store_true",
+        help="empty MLX's buffer cache before each timed run (as benchmarks.run does)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -160,17 +204,24 @@ def main(argv: list[str] | None = None) -> None:
                        **wl.spec_kwargs())  # fmt: skip
         for _ in range(args.repeat):
             gc.collect()  # as benchmarks.run does: no garbage left from the runs before
-            with timed_stages() as totals, collector_time() as collected:
+            if args.clear_cache:
+                mx.clear_cache()
+            mx.reset_peak_memory()
+            peaks = StagePeaks()
+            with timed_stages(peaks) as totals, collector_time() as collected:
                 t0 = time.perf_counter()
                 summary = run_job(spec)
                 wall = time.perf_counter() - t0
+            peaks.enter("")  # the last reading: after the last stage
             reuse = "off" if args.no_prefix_cache else "on"
             print(f"\n{wl.name}, prefix reuse {reuse}: wall {wall:.3f} s, {summary.ok} rows, "
-                  f"{summary.generated_tokens} tokens {' '.join(args.set)}")  # fmt: skip
+                  f"{summary.generated_tokens} tokens, peak {peaks.run / GIB:.2f} GiB "
+                  f"{' '.join(args.set)}")  # fmt: skip
             top = 0.0
             for label, (calls, seconds) in totals.items():
                 if calls:
-                    print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s")
+                    peak = f"{peaks.peaks[label] / GIB:8.2f} GiB" if label in peaks.peaks else ""
+                    print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s {peak}")
                     top += seconds if not label.startswith(" ") else 0.0
             print(f"  {'(not in a stage)':<20} {'':>12} {wall - top:8.3f} s")
             runs, seconds = collected
