@@ -96,6 +96,10 @@ class StagePeaks:
         self._credit()
         self.open.remove(label)
 
+    def close(self) -> None:
+        """The last reading: what came after the last stage."""
+        self._credit()
+
 
 @contextlib.contextmanager
 def timed_stages(peaks: StagePeaks) -> Iterator[dict[str, list[float]]]:
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 summary = run_job(spec)
                 wall = time.perf_counter() - t0
-            peaks.enter("")  # the last reading: after the last stage
+            peaks.close()
             reuse = "off" if args.no_prefix_cache else "on"
             print(f"\n{wl.name}, prefix reuse {reuse}: wall {wall:.3f} s, {summary.ok} rows, "
                   f"{summary.generated_tokens} tokens, peak {peaks.run / GIB:.2f} GiB "
