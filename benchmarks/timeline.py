@@ -5,6 +5,8 @@ mlxbatch once to warm up, then once more with the pipeline's stage functions wra
 that synchronize the device when the stage returns, so GPU work is charged to the stage that
 queued it. Prints each stage's calls, seconds and peak MLX memory (indented: parts of the
 stage above), what is left of the wall clock, and the time Python's garbage collector took.
+`--trace` times the stages without synchronizing and prints when each first started and last
+ended: the critical path of an untimed run (the loader's thread beside the main thread's).
 `--clear-cache` empties MLX's buffer cache before each timed run, as benchmarks.run does, so
 the run allocates afresh as a new process would. `--set MODULE.NAME=VALUE`
 changes a tuning constant for an A/B run; `--profile` adds one untimed run under pyinstrument
@@ -102,11 +104,12 @@ class StagePeaks:
 
 
 @contextlib.contextmanager
-def timed_stages(peaks: StagePeaks) -> Iterator[dict[str, list[float]]]:
-    """Wrap every stage in STAGES with a synchronizing timer; yields label -> [calls, s]."""
+def timed_stages(peaks: StagePeaks | None, sync: bool = True) -> Iterator[dict[str, list[float]]]:
+    """Wrap every stage in STAGES with a timer, synchronizing the device as the stage returns
+    unless `sync` is off; yields label -> [calls, seconds, first start, last end]."""
     import mlx.core as mx
 
-    totals: dict[str, list[float]] = {label: [0, 0.0] for _, _, label in STAGES}
+    totals: dict[str, list[float]] = {label: [0, 0.0, 0.0, 0.0] for _, _, label in STAGES}
     undo = []
     for module_name, path, label in STAGES:
         owner: Any = importlib.import_module(module_name)
@@ -116,16 +119,21 @@ def timed_stages(peaks: StagePeaks) -> Iterator[dict[str, list[float]]]:
         original = getattr(owner, name)
 
         def wrapper(*args: Any, __f: Any = original, __label: str = label, **kw: Any) -> Any:
-            main = "(worker)" not in __label
+            main = peaks is not None and "(worker)" not in __label
             if main:
                 peaks.enter(__label)
             t0 = time.perf_counter()
             try:
                 return __f(*args, **kw)
             finally:
-                mx.synchronize()
-                totals[__label][0] += 1
-                totals[__label][1] += time.perf_counter() - t0
+                if sync:
+                    mx.synchronize()
+                t1, total = time.perf_counter(), totals[__label]
+                if not total[0]:
+                    total[2] = t0
+                total[0] += 1
+                total[1] += t1 - t0
+                total[3] = t1
                 if main:
                     peaks.leave(__label)
 
@@ -136,6 +144,14 @@ def timed_stages(peaks: StagePeaks) -> Iterator[dict[str, list[float]]]:
     finally:
         for owner, name, original in reversed(undo):
             setattr(owner, name, original)
+
+
+def print_trace(totals: dict[str, list[float]], t0: float) -> None:
+    """Each stage's first start and last end in the run, in the order they started."""
+    spans = sorted((start, end, label) for label, (calls, _, start, end) in totals.items() if calls)
+    for start, end, label in spans:
+        calls = int(totals[label][0])
+        print(f"  {label.strip():<22} {start - t0:7.3f} -> {end - t0:7.3f} s  ({calls} calls)")
 
 
 @contextlib.contextmanager
@@ -166,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
     p.add_argument("--profile", action="store_true", help="one more run under pyinstrument")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="no device syncs: print when each stage started and ended (the critical path)",
+    )
     p.add_argument(
         "--clear-cache",
         action="store_true",
@@ -211,18 +232,21 @@ def main(argv: list[str] | None = None) -> None:
             if args.clear_cache:
                 mx.clear_cache()
             mx.reset_peak_memory()
-            peaks = StagePeaks()
-            with timed_stages(peaks) as totals, collector_time() as collected:
+            peaks = None if args.trace else StagePeaks()
+            with timed_stages(peaks, sync=not args.trace) as totals, collector_time() as collected:
                 t0 = time.perf_counter()
                 summary = run_job(spec)
                 wall = time.perf_counter() - t0
-            peaks.close()
             reuse = "off" if args.no_prefix_cache else "on"
             print(f"\n{wl.name}, prefix reuse {reuse}: wall {wall:.3f} s, {summary.ok} rows, "
-                  f"{summary.generated_tokens} tokens, peak {peaks.run / GIB:.2f} GiB "
-                  f"{' '.join(args.set)}")  # fmt: skip
+                  f"{summary.generated_tokens} tokens {' '.join(args.set)}")  # fmt: skip
+            if peaks is None:
+                print_trace(totals, t0)
+                continue
+            peaks.close()
+            print(f"  peak {peaks.run / GIB:.2f} GiB")
             top = 0.0
-            for label, (calls, seconds) in totals.items():
+            for label, (calls, seconds, _, _) in totals.items():
                 if calls:
                     peak = f"{peaks.peaks[label] / GIB:8.2f} GiB" if label in peaks.peaks else ""
                     print(f"  {label:<20} {int(calls):>6} calls {seconds:8.3f} s {peak}")
