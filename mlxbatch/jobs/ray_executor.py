@@ -17,10 +17,11 @@ split in halves, down to the one row that does it, which becomes an error record
 at their next decode step and return what they finished, which is committed; the rest is left
 for the next run.
 
-Ray is imported only here, and only when a run asks for it (`--ray`, `ray:` or
-`executor: ray`): `pip install 'mlxbatch[ray]'`. How a window is cut into chunks, and what
-becomes of a chunk whose worker died, is in chunks.py; the actor itself in ray_worker.py;
-reaching the cluster and planning the workers in ray_connect.py.
+Ray is imported only when a run asks for it (`--ray`, `ray:` or `executor: ray`):
+`pip install 'mlxbatch[ray]'`. How a window is cut into chunks, and what becomes of a chunk
+whose worker died, is in chunks.py; the actor itself in ray_worker.py; reaching the cluster
+and planning the workers in ray_connect.py; starting, checking and replacing them in
+ray_slots.py.
 """
 
 from __future__ import annotations
@@ -28,20 +29,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mlxbatch.jobs.chunks import Chunk, after_failure, split_chunks
-from mlxbatch.jobs.ray_connect import (
-    RayExecutorError,
-    connect,
-    failure_reason,
-    worker_plan,
-)
-from mlxbatch.jobs.ray_worker import Worker
+from mlxbatch.jobs.ray_connect import RayExecutorError, failure_reason
+from mlxbatch.jobs.ray_slots import PoolStats, Slot, WorkerSlots
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.records import Result, Task
 
@@ -50,29 +44,6 @@ log = logging.getLogger("mlxbatch.ray")
 IN_FLIGHT_PER_WORKER = 2  # the next chunk waits in the actor's queue: no idle round trip
 STOP_GRACE_SECONDS = 20.0  # after a signal, how long finished work may take to come back
 STARTUP_NOTICE_SECONDS = 60.0
-
-
-@dataclass
-class _Slot:
-    """One actor and the chunks submitted to it, oldest (the running one) first."""
-
-    actor: Any
-    name: str
-    ready: Any  # ObjectRef of `info`, until the model is loaded
-    info: dict = field(default_factory=dict)
-    in_flight: list[Any] = field(default_factory=list)  # ObjectRefs, in submission order
-
-    @property
-    def started(self) -> bool:
-        return self.ready is None
-
-
-@dataclass
-class PoolStats:
-    workers_started: int = 0
-    workers_lost: int = 0
-    chunks: int = 0
-    chunks_reissued: int = 0
 
 
 class RayPool:
@@ -84,55 +55,16 @@ class RayPool:
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        self.address = spec.ray_address or "auto"
         self.stats = PoolStats()
-        self._ray: Any = None
-        self._started_ray = False
-        self._actor_class: Any = None
-        self._options: dict[str, Any] = {}
-        self._slots: list[_Slot] = []
-        self._identity: str | None = None
-        self._tag = uuid.uuid4().hex[:8]
+        self.workers = WorkerSlots(spec, self.stats)
         self._next_chunk = 0
-        self._replacements_left = 0
         self._committed: set[int] = set()
 
-    # -- lifecycle ------------------------------------------------------------------------------
-
     def _start(self, identity: str) -> Any:
-        if self._ray is not None:
-            return self._ray
-        ray, self._started_ray = connect(self.address, quiet=self.spec.quiet)
-        self._ray = ray
-        self._identity = identity
-        count, options = worker_plan(ray, self.spec.ray_workers)
-        self._options = options
-        remote: Any = ray.remote  # its type hints lack concurrency_groups
-        self._actor_class = remote(concurrency_groups={"control": 1})(Worker)
-        self._replacements_left = 8 + 2 * count
-        for _ in range(count):
-            self._launch()
-        return ray
-
-    def _launch(self) -> None:
-        name = f"mlxbatch-worker-{self._tag}-{self.stats.workers_started}"
-        actor = self._actor_class.options(
-            name=name, max_restarts=0, max_task_retries=0, **self._options
-        ).remote(self.spec)
-        ready = actor.info.options(concurrency_group="control").remote()
-        self._slots.append(_Slot(actor, name, ready))
-        self.stats.workers_started += 1
+        return self.workers.start(identity)
 
     def close(self) -> None:
-        if self._ray is None:
-            return
-        for slot in self._slots:
-            with contextlib.suppress(Exception):  # already gone
-                self._ray.kill(slot.actor)
-        self._slots = []
-        if self._started_ray:
-            self._ray.shutdown()
-        self._ray = None
+        self.workers.close()
 
     # -- one window -----------------------------------------------------------------------------
 
@@ -156,26 +88,26 @@ class RayPool:
                 for result in results:
                     on_result(result)
 
-        chunks = split_chunks(todo, len(self._slots), self._next_chunk)
+        chunks = split_chunks(todo, len(self.workers.slots), self._next_chunk)
         self._next_chunk += len(chunks)
         self.stats.chunks += len(chunks)
         # Chunks go out from the right: longest prompts first, so the window's end is short;
         # a reissued chunk is appended on the right, to go out next.
         queue = deque(chunks)
-        pending: dict[Any, tuple[_Slot, Chunk]] = {}
+        pending: dict[Any, tuple[Slot, Chunk]] = {}
         waiting_since = time.monotonic()
         while (queue or pending) and not should_stop():
             self._submit(queue, pending)
-            refs = list(pending) + [s.ready for s in self._slots if not s.started]
+            refs = list(pending) + self.workers.loading()
             if not refs:
                 raise RayExecutorError("no Ray worker is left to generate on")
             done, _ = ray.wait(refs, num_returns=1, timeout=0.2)
             for ref in done:
                 if ref in pending:
                     self._collect(ref, pending, queue, commit)
-                elif any(s.ready == ref for s in self._slots):
-                    self._started(ref)
-            if pending or any(s.started for s in self._slots):
+                else:
+                    self.workers.on_ready(ref)
+            if pending or self.workers.any_started():
                 waiting_since = time.monotonic()
             elif time.monotonic() - waiting_since > STARTUP_NOTICE_SECONDS:
                 log.warning(
@@ -187,45 +119,24 @@ class RayPool:
         if pending:
             self._drain(pending, commit)
 
-    def _submit(self, queue: deque[Chunk], pending: dict[Any, tuple[_Slot, Chunk]]) -> None:
-        for slot in self._slots:
+    def _submit(self, queue: deque[Chunk], pending: dict[Any, tuple[Slot, Chunk]]) -> None:
+        for slot in self.workers.slots:
             while slot.started and queue and len(slot.in_flight) < IN_FLIGHT_PER_WORKER:
                 chunk = queue.pop()
                 ref = slot.actor.generate.remote(chunk.tasks)
                 slot.in_flight.append(ref)
                 pending[ref] = (slot, chunk)
 
-    def _started(self, ready: Any) -> None:
-        slot = next(s for s in self._slots if s.ready == ready)
-        try:
-            info = self._ray.get(ready)
-        except self._ray.exceptions.RayError as e:
-            if "creation task" in str(e):  # its __init__ raised: the model did not load
-                raise RayExecutorError(
-                    f"a Ray worker could not load the model: {failure_reason(e)}"
-                ) from None
-            self._replace(slot, failure_reason(e))  # killed while loading: like any other death
-            return
-        if info["identity"] != self._identity:
-            raise RayExecutorError(
-                f"the Ray worker on {info['host']} loaded {self.spec.model} as a different model "
-                f"(dtype {info['dtype']}; other weights, config or adapter) than this process: "
-                "its results would not match their keys. Give every machine the same model "
-                "files and pass --dtype explicitly"
-            )
-        slot.info, slot.ready = info, None
-        log.debug("Ray worker %s ready: pid %s on %s", slot.name, info["pid"], info["host"])
-
     def _collect(
         self,
         ref: Any,
-        pending: dict[Any, tuple[_Slot, Chunk]],
+        pending: dict[Any, tuple[Slot, Chunk]],
         queue: deque[Chunk],
         commit: Callable[[list[Result]], None],
         *,
         stopping: bool = False,
     ) -> None:
-        ray = self._ray
+        ray = self.workers.ray
         slot, chunk = pending.pop(ref)
         try:
             results = ray.get(ref)
@@ -264,10 +175,10 @@ class RayPool:
 
     def _lost(
         self,
-        slot: _Slot,
+        slot: Slot,
         ref: Any,
         chunk: Chunk,
-        pending: dict[Any, tuple[_Slot, Chunk]],
+        pending: dict[Any, tuple[Slot, Chunk]],
         queue: deque[Chunk],
         commit: Callable[[list[Result]], None],
         reason: str,
@@ -278,7 +189,7 @@ class RayPool:
         Its chunks ran in submission order: the first unfinished one was running when it died
         and counts a failure against its rows; the ones queued behind it go out as they are.
         """
-        ray = self._ray
+        ray = self.workers.ray
         lost: list[Chunk] = []
         for r in slot.in_flight if ref in slot.in_flight else [ref, *slot.in_flight]:
             c = chunk if r == ref else pending.pop(r)[1]
@@ -291,7 +202,7 @@ class RayPool:
             lost.append(c)
         slot.in_flight = []
         if stopping:
-            self._replace(slot, reason, relaunch=False)
+            self.workers.replace(slot, reason, relaunch=False)
             return
         log.warning(
             "Ray worker %s (pid %s on %s) died: %s; reissuing %d chunk(s) of %d rows",
@@ -308,25 +219,7 @@ class RayPool:
             else:
                 queue.append(lost_chunk)
         self.stats.chunks_reissued += len(lost)
-        self._replace(slot, reason)
-
-    def _replace(self, slot: _Slot, reason: str, relaunch: bool = True) -> None:
-        """Drop a dead worker; start a fresh one in its place while the budget lasts."""
-        if slot not in self._slots:
-            return
-        self._slots.remove(slot)
-        self.stats.workers_lost += 1
-        with contextlib.suppress(Exception):  # already gone
-            self._ray.kill(slot.actor)
-        if not relaunch:
-            return
-        if self._replacements_left <= 0:
-            raise RayExecutorError(
-                f"Ray workers died {self.stats.workers_lost} times (last: {reason}); finished "
-                "rows are in the store: run the same command again to resume"
-            )
-        self._replacements_left -= 1
-        self._launch()
+        self.workers.replace(slot, reason)
 
     def _retry(
         self,
@@ -345,11 +238,11 @@ class RayPool:
         return self._next_chunk - 1
 
     def _drain(
-        self, pending: dict[Any, tuple[_Slot, Chunk]], commit: Callable[[list[Result]], None]
+        self, pending: dict[Any, tuple[Slot, Chunk]], commit: Callable[[list[Result]], None]
     ) -> None:
         """Stopping: workers finish their decode step and return what they have; commit it."""
-        ray = self._ray
-        for slot in self._slots:
+        ray = self.workers.ray
+        for slot in self.workers.slots:
             if slot.started:
                 slot.actor.stop.options(concurrency_group="control").remote()
         deadline = time.monotonic() + STOP_GRACE_SECONDS

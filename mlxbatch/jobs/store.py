@@ -9,8 +9,9 @@
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 How the file is opened, locked and written durably, and how SQLite's errors are named, is in
-sqlite_file.py. One process at a time holds a store. Output files are not written here.
-Its writes carry the fault-injection points of jobs/faults.py.
+sqlite_file.py; its tables and their migrations in store_schema.py. One process at a time
+holds a store. Output files are not written here. Its writes carry the fault-injection
+points of jobs/faults.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from mlxbatch.jobs.faults import FAULTS
@@ -33,51 +33,10 @@ from mlxbatch.jobs.sqlite_file import (
     connect,
     sqlite_errors,
 )
+from mlxbatch.jobs.store_schema import ExportRow, apply_schema
 from mlxbatch.records import Result, Task
 
 __all__ = ["DISK_FULL_HINT", "ExportRow", "Store", "StoreDamaged", "StoreError"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    key TEXT PRIMARY KEY, text TEXT NOT NULL, finish_reason TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-    error_code TEXT, error_message TEXT, created INTEGER NOT NULL, extra TEXT
-);
-CREATE TABLE IF NOT EXISTS manifest (
-    seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, id TEXT NOT NULL, custom_id TEXT,
-    sample_index INTEGER NOT NULL, n INTEGER NOT NULL, key TEXT NOT NULL, url TEXT
-);
-CREATE TABLE IF NOT EXISTS rendered (
-    digest BLOB PRIMARY KEY, keys TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS runs (
-    run_id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, status TEXT NOT NULL,
-    pid INTEGER NOT NULL, input TEXT, output TEXT, model TEXT, model_identity TEXT,
-    kind TEXT, spec TEXT, stats TEXT, provenance TEXT
-);
-"""
-
-
-@dataclass
-class ExportRow:
-    """A manifest row joined with its result (result fields are None while pending)."""
-
-    seq: int
-    line: int
-    id: Any
-    custom_id: str | None
-    sample_index: int
-    n: int
-    key: str
-    url: str | None
-    text: str | None
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    error_code: str | None
-    error_message: str | None
-    created: int | None
-    extra: dict | None = None  # e.g. parsed JSON, choice probabilities
 
 
 class Store:
@@ -91,21 +50,10 @@ class Store:
             return
         try:
             with self._sqlite_errors():
-                self.db.executescript(SCHEMA)
-                self._migrate()
+                apply_schema(self.db)
         except StoreError:
             self.db.close()
             raise
-
-    def _migrate(self) -> None:
-        # Stores written before results carried `extra` (parsed JSON, choice probabilities).
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
-        if "extra" not in columns:
-            self.db.execute("ALTER TABLE results ADD COLUMN extra TEXT")
-        # Stores written before runs carried their provenance (jobs/provenance.py).
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        if "provenance" not in columns:
-            self.db.execute("ALTER TABLE runs ADD COLUMN provenance TEXT")
 
     def _sqlite_errors(self) -> Any:
         return sqlite_errors(self.path)
