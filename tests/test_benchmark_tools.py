@@ -1,10 +1,10 @@
-"""benchmarks.decode_step runs on the tiny model and reports both variants per round."""
+"""The benchmark tools that explain a run: decode_step on the tiny model, timeline's trace."""
 
 from __future__ import annotations
 
 import re
 
-from benchmarks import decode_step
+from benchmarks import decode_step, timeline
 
 
 def test_decode_step_reports_each_variant(tiny_model, capsys):
@@ -28,3 +28,18 @@ def test_prefilled_batch_holds_the_prefix_once(tiny_model):
     cache, tokens = decode_step.prefilled_batch(engine, rows=4, prefix_tokens=30)
     assert tokens.shape == (4,)
     assert all(layer.prefix is not None and layer.prefix[0].shape[2] == 30 for layer in cache)
+
+
+def test_trace_lists_stages_in_the_order_they_started(capsys):
+    totals = {
+        "load model": [1, 0.5, 10.25, 10.75],
+        "  read weights (worker)": [1, 0.4, 10.5, 10.9],
+        "check inputs": [1, 0.1, 10.0, 10.1],
+        "export": [0, 0.0, 0.0, 0.0],  # never called: not listed
+    }
+    timeline.print_trace(totals, t0=10.0)
+    assert capsys.readouterr().out.splitlines() == [
+        "  check inputs             0.000 ->   0.100 s  (1 calls)",
+        "  load model               0.250 ->   0.750 s  (1 calls)",
+        "  read weights (worker)    0.500 ->   0.900 s  (1 calls)",
+    ]
