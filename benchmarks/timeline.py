@@ -148,9 +148,8 @@ def timed_stages(peaks: StagePeaks | None, sync: bool = True) -> Iterator[dict[s
 
 def print_trace(totals: dict[str, list[float]], t0: float) -> None:
     """Each stage's first start and last end in the run, in the order they started."""
-    spans = sorted((start, end, label) for label, (calls, _, start, end) in totals.items() if calls)
-    for start, end, label in spans:
-        calls = int(totals[label][0])
+    spans = sorted((start, end, label, int(n)) for label, (n, _, start, end) in totals.items() if n)
+    for start, end, label, calls in spans:
         print(f"  {label.strip():<22} {start - t0:7.3f} -> {end - t0:7.3f} s  ({calls} calls)")
 
 
