@@ -1,8 +1,10 @@
 """Attention for batched generation, swapped into mlx-lm's model modules while generating.
 
 Two cases leave mlx-lm's own attention: a batch holding a shared prefix once (cache.py), whose
-keys and values arrive without the prefix; and, on CUDA, decode steps of left-padded batches,
-computed as grouped matmuls. Everything else goes to mlx-lm's attention unchanged.
+keys and values arrive without the prefix; and decode steps of left-padded batches. On CUDA a
+decode step of either runs as one kernel per layer (fused_attention.py); elsewhere, or where
+that kernel does not apply, as grouped matmuls. Everything else goes to mlx-lm's attention
+unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 import weakref
 from typing import Any
 
-# "grouped" or "mlx": decode attention of padded batches (default: grouped on CUDA only).
+from mlxbatch.pipeline.engine.fused_attention import fusable, fused_decode_attention
+
+# "fused", "grouped" or "mlx": decode attention of padded batches (default: fused on CUDA).
 DECODE_ATTENTION_ENV = "MLXBATCH_DECODE_ATTENTION"
 
 
@@ -22,20 +26,24 @@ def batch_attention(model: Any) -> Any:
     """Route the model's attention through this module while generating.
 
     mlx-lm model modules call `scaled_dot_product_attention` by module-global name, so it is
-    swapped there, and put back afterwards. The grouped decode attention is on by default on
-    CUDA only, where it was measured.
+    swapped there, and put back afterwards. The fused and grouped decode attentions are on by
+    default on CUDA only, where they were measured.
     """
     import mlx.core as mx
     from mlx_lm.models import base
 
     cuda = getattr(mx, "cuda", None)  # every current MLX build has it; older ones may not
     on_cuda = cuda is not None and cuda.is_available()
-    grouped = (os.environ.get(DECODE_ATTENTION_ENV) or ("grouped" if on_cuda else "")) == "grouped"
+    mode = os.environ.get(DECODE_ATTENTION_ENV) or ("fused" if on_cuda else "")
+    fused, grouped = mode == "fused" and on_cuda, mode in ("fused", "grouped")
     original = base.scaled_dot_product_attention
 
     def attention(
         queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any, sinks: Any = None
     ) -> Any:
+        if fused and fusable(queries, keys, cache, mask, sinks):
+            prefix = getattr(cache, "prefix", None)
+            return fused_decode_attention(queries, cache, scale, mask, prefix)
         if getattr(cache, "prefix", None) is not None and sinks is None:
             return shared_prefix_attention(queries, keys, values, cache, scale, mask)
         if grouped:
@@ -162,7 +170,8 @@ def grouped_decode_attention(
 
 def can_share_prefixes(model: Any) -> bool:
     """Whether every layer's attention goes through attention.batch_attention, which adds a
-    held-once prefix back: counted on one small batch. (A model whose attention does not call
+    held-once prefix back (shared_prefix_attention, or the fused kernel given the prefix):
+    counted on one small batch. (A model whose attention does not call
     mlx-lm's shared function would silently ignore the prefix.)"""
     import mlx.core as mx
 
@@ -175,16 +184,22 @@ def can_share_prefixes(model: Any) -> bool:
     model(mx.array([[1, 2]]), cache=cache)
     batch = [c.merge([c, c]) for c in cache]
     seen: list[Any] = []
-    real = attention.shared_prefix_attention
+    real_shared, real_fused = attention.shared_prefix_attention, attention.fused_decode_attention
 
-    def counted(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any) -> Any:
+    def shared(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any) -> Any:
         seen.append(cache)
-        return real(queries, keys, values, cache, scale, mask)
+        return real_shared(queries, keys, values, cache, scale, mask)
 
-    attention.shared_prefix_attention = counted
+    def fused(queries: Any, cache: Any, scale: float, mask: Any, prefix: Any = None) -> Any:
+        if prefix is not None:
+            seen.append(cache)
+        return real_fused(queries, cache, scale, mask, prefix)
+
+    attention.shared_prefix_attention, attention.fused_decode_attention = shared, fused
     try:
         with attention.batch_attention(model):
             model(mx.array([[3], [4]]), cache=batch)  # building the graph makes the calls
     finally:
-        attention.shared_prefix_attention = real
+        attention.shared_prefix_attention = real_shared
+        attention.fused_decode_attention = real_fused
     return len(seen) == len(cache)

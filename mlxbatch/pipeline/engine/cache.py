@@ -89,7 +89,9 @@ class RowBatchKVCache(BatchKVCache):
         cache = cls([0] * len(caches))
         cache.offset += n
         if getattr(first, "share_prefix", False):
-            cache.prefix, cache.prefix_id = (keys, values), first.prefix_id
+            # Contiguous, so decode kernels read it as it is (fused_attention.py).
+            cache.prefix = (mx.contiguous(keys), mx.contiguous(values))
+            cache.prefix_id = first.prefix_id
             return cache
         cache.keys = broadcast_rows(keys, len(caches))
         cache.values = broadcast_rows(values, len(caches))

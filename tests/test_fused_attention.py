@@ -1,0 +1,119 @@
+"""The fused decode attention kernel: where it applies, and (on CUDA) that it computes MLX's result.
+
+The kernel itself runs only on CUDA; its tests are skipped elsewhere, and `fusable`'s choices,
+which decide what reaches it, are tested everywhere.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
+from mlxbatch.pipeline.engine import attention
+from mlxbatch.pipeline.engine.attention import shared_prefix_attention
+from mlxbatch.pipeline.engine.fused_attention import fusable, fused_decode_attention
+from mlxbatch.testing.tiny_model import build_tiny_model
+from tests.conftest import read_jsonl, write_jsonl
+from tests.test_cli_process import process
+
+on_cuda = pytest.mark.skipif(
+    not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="the kernel runs on CUDA only"
+)
+
+
+def _step(rows=5, heads=4, kv_heads=2, dim=64, idx=9, capacity=16, prefix=0, dtype=mx.float32):
+    """One decode step's inputs: a cache whose buffer holds `capacity` positions, `idx` of them
+    written, rows left-padded by 0, 1, 2, ... positions, and a shared prefix of `prefix` keys."""
+    mx.random.seed(7)
+    keys = mx.random.normal((rows, kv_heads, capacity, dim)).astype(dtype)
+    values = mx.random.normal((rows, kv_heads, capacity, dim)).astype(dtype)
+    q = mx.random.normal((rows, heads, 1, dim)).astype(dtype)
+    padding = mx.array([i % (idx - 1) for i in range(rows)])
+    mask = (mx.arange(idx)[None, :] >= padding[:, None])[:, None, None, :]
+    shared = None
+    if prefix:
+        shape = (1, kv_heads, prefix, dim)
+        shared = (mx.random.normal(shape).astype(dtype), mx.random.normal(shape).astype(dtype))
+    cache = SimpleNamespace(keys=keys, values=values, _idx=idx, prefix=shared)
+    return q, keys[..., :idx, :], values[..., :idx, :], cache, mask
+
+
+def _with_prefix(q, k, v, cache, mask):
+    """MLX's own attention over the prefix put in front of every row's keys."""
+    rows, length = q.shape[0], cache.prefix[0].shape[2]
+    pk, pv = (mx.broadcast_to(p, (rows, *p.shape[1:])) for p in cache.prefix)
+    seen = mx.ones((rows, 1, 1, length), mx.bool_)
+    full_mask = mx.concatenate([seen, mask], axis=-1)
+    keys, values = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=full_mask)
+
+
+def test_fusable_takes_plain_decode_steps_only():
+    q, k, v, cache, mask = _step()
+    assert fusable(q, k, cache, mask)
+    assert not fusable(q, k, cache, mask, sinks=mx.zeros((4,)))
+    assert not fusable(q, k, cache, mx.where(mask, 0.0, -1e9))  # additive masks
+    assert not fusable(q, k, cache, mask[..., 1:])  # a mask over other keys
+    assert not fusable(q, k, cache, None)
+    assert not fusable(mx.concatenate([q, q], axis=2), k, cache, mask)  # a prefill chunk
+    assert not fusable(q, k, SimpleNamespace(**vars(cache), bits=4), mask)  # quantized cache
+    q96, k96, _, cache96, mask96 = _step(dim=96)
+    assert not fusable(q96, k96, cache96, mask96)
+    q16, k16, _, cache16, mask16 = _step(dtype=mx.float16)
+    assert fusable(q16, k16, cache16, mask16)
+    assert not fusable(q16, k16, SimpleNamespace(**vars(cache)), mask16)  # dtypes differ
+
+
+@on_cuda
+@pytest.mark.parametrize("heads,kv_heads", [(14, 2), (4, 4), (8, 2)])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("prefix", [0, 300])
+def test_kernel_matches_mlx(heads, kv_heads, dim, prefix):
+    q, k, v, cache, mask = _step(7, heads, kv_heads, dim, idx=140, capacity=256, prefix=prefix)
+    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix)
+    if prefix:
+        theirs = _with_prefix(q, k, v, cache, mask)
+    else:
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert ours.shape == theirs.shape == q.shape
+    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+
+
+@on_cuda
+def test_kernel_in_bfloat16_stays_within_rounding():
+    q, k, v, cache, mask = _step(
+        9, 14, 2, 64, idx=200, capacity=256, prefix=1500, dtype=mx.bfloat16
+    )
+    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix).astype(mx.float32)
+    theirs = shared_prefix_attention(q, k, v, cache, 0.125, mask).astype(mx.float32)
+    assert mx.abs(ours - theirs).max().item() < 2e-2
+
+
+@on_cuda
+def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch):
+    # Head size 64 (the tiny test model's is 16), and a system prompt shared by every row.
+    model = str(build_tiny_model(tmp_path / "m", hidden_size=256, num_attention_heads=4))
+    calls = []
+
+    def counted(queries, cache, scale, mask, prefix=None):
+        calls.append(prefix is not None)
+        return fused_decode_attention(queries, cache, scale, mask, prefix)
+
+    monkeypatch.setattr(attention, "fused_decode_attention", counted)
+    rows = [{"id": i, "text": " ".join(["word"] * (3 + i % 7)) + f" {i}"} for i in range(24)]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    system = "You label short texts. " * 40
+    texts = {}
+    for choice in ("mlx", "grouped", "fused"):
+        out = tmp_path / f"{choice}.jsonl"
+        env = {"MLXBATCH_DECODE_ATTENTION": choice}
+        args = ("--template", "Text: {{ text }}", "--system", system, "--max-tokens", "8")
+        result = process(str(f), "-m", model, *args, "-o", str(out), env=env)
+        assert result.exit_code == 0, result.output
+        texts[choice] = [r["output"] for r in read_jsonl(out)]
+        # Decode steps took the kernel only when chosen, over the shared prefix.
+        assert bool(calls) == (choice == "fused")
+        assert all(calls)
+    assert texts["fused"] == texts["grouped"] == texts["mlx"]
