@@ -8,7 +8,6 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
-from mlxbatch.pipeline.engine import decode
 from mlxbatch.pipeline.engine.cache import row_cache
 from mlxbatch.pipeline.engine.decode import (
     HandOverBatch,
@@ -17,8 +16,6 @@ from mlxbatch.pipeline.engine.decode import (
     RowLogprobsBatch,
     batch_classes,
 )
-from tests.conftest import read_jsonl, write_jsonl
-from tests.test_cli_process import process
 
 
 @pytest.fixture(scope="module")
@@ -160,96 +157,3 @@ def test_a_generator_run_never_deep_copies_a_prompt_batch_that_moves_on_whole(mo
     assert len(steps) == 3 + 5 + 4
     with pytest.raises(AssertionError, match="deep-copied"):
         _steps(model, prompts)  # mlx-lm's own batches copy
-
-
-def _generate(model, prompts, max_tokens, *, ahead, stop_tokens=(), remove_after=None):
-    """Every response (uid, token, finish reason, logprobs row) of a run whose rows all join
-    at once; with `ahead`, the batch may queue steps ahead once none is left to join. Also
-    returns the most steps found queued ahead at any step, and the forward passes run."""
-    counting = _Counting(model)
-    gen = BatchGenerator(
-        counting,
-        stop_tokens=[[t] for t in stop_tokens],
-        completion_batch_size=8,
-        prefill_batch_size=8,
-    )
-    if ahead:
-        gen._generation_batch.rows_coming = lambda: bool(
-            gen._unprocessed_sequences or len(gen._prompt_batch)
-        )
-    uids = gen.insert(prompts, max_tokens=max_tokens)
-    seen, most = [], 0
-    while responses := gen.next_generated():
-        most = max(most, len(gen._generation_batch._ahead))
-        seen += [(r.uid, r.token, r.finish_reason, r.logprobs.value().tolist()) for r in responses]
-        if remove_after is not None and len(seen) >= remove_after and uids:
-            gen.remove([uids.pop(1)])  # a stop string's way out, mid-run
-            remove_after = None
-    gen.close()
-    return seen, most, counting.calls
-
-
-@pytest.mark.parametrize("stop", [(), (17,)])
-def test_steps_queued_ahead_decode_what_one_step_at_a_time_decodes(model, stop):
-    prompts = [[5, 9, 14], [3, 22, 40, 41, 7], [8, 11], [2, 30, 31, 12]]
-    args = (model, prompts, [3, 11, 6, 9])
-    with batch_classes():
-        theirs, none_ahead, their_calls = _generate(*args, ahead=False, stop_tokens=stop)
-        ours, most, our_calls = _generate(*args, ahead=True, stop_tokens=stop)
-        removed, _, _ = _generate(*args, ahead=True, stop_tokens=stop, remove_after=6)
-        expected, _, _ = _generate(*args, ahead=False, stop_tokens=stop, remove_after=6)
-    assert none_ahead == 0 and most > 1
-    assert [r[:3] for r in ours] == [r[:3] for r in theirs]
-    for a, b in zip(ours, theirs, strict=True):
-        assert mx.allclose(mx.array(a[3]), mx.array(b[3])).item()
-    assert [r[:3] for r in removed] == [r[:3] for r in expected]
-    if not stop:  # no step past the longest row's max_tokens
-        assert our_calls == their_calls
-
-
-def test_no_step_is_queued_ahead_while_rows_can_still_join(model):
-    # Two prompts per prefill batch: later rows join a batch that is decoding already, which
-    # raises if steps were queued ahead of it (RowLogprobsBatch.extend).
-    def run(ahead):
-        gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=2)
-        if ahead:
-            gen._generation_batch.rows_coming = lambda: bool(
-                gen._unprocessed_sequences or len(gen._prompt_batch)
-            )
-        gen.insert([[5, 9, 14], [3, 22, 40], [8, 11], [2, 30, 31], [4, 4]], max_tokens=[12] * 5)
-        tokens, most = [], 0
-        while responses := gen.next_generated():
-            most = max(most, len(gen._generation_batch._ahead))
-            tokens += [(r.uid, r.token, r.finish_reason) for r in responses]
-        gen.close()
-        return tokens, most
-
-    with batch_classes():
-        (ours, most), (theirs, _) = run(True), run(False)
-    assert ours == theirs
-    assert most > 0  # once the last rows joined
-
-
-def test_a_run_writes_the_same_outputs_with_steps_queued_ahead(tmp_path, tiny_model, monkeypatch):
-    rows = [{"id": i, "text": " ".join(["word"] * (2 + i % 5)) + f" {i}"} for i in range(12)]
-    f = write_jsonl(tmp_path / "p.jsonl", rows)
-    args = ["--template", "Text: {{ text }}", "--system", "You label short texts. " * 8]
-    args += ["--max-tokens", "9", "--temperature", "0.8", "-n", "2", "--stop", "e"]
-    queued = []
-    real = RowLogprobsBatch._queue
-
-    def counted(self, inputs):
-        queued.append(len(self._ahead))
-        return real(self, inputs)
-
-    monkeypatch.setattr(RowLogprobsBatch, "_queue", counted)
-    outputs = {}
-    for ahead in (0, decode.LOOKAHEAD):
-        monkeypatch.setattr(decode, "LOOKAHEAD", ahead)
-        out, queued[:] = tmp_path / f"{ahead}.jsonl", []
-        result = process(str(f), "-m", tiny_model, *args, "-o", str(out))
-        assert result.exit_code == 0, result.output
-        outputs[ahead] = [(r["id"], r["output"], r["finish_reason"]) for r in read_jsonl(out)]
-        assert (max(queued) > 0) == bool(ahead)  # steps were queued behind queued steps
-    assert outputs[0] == outputs[decode.LOOKAHEAD]
-    assert {reason for _, _, reason in outputs[0]} == {"length", "stop"}  # both ways out

@@ -47,11 +47,6 @@ class BatchRun:
         self.sampler = SeededSampler()
         self.sampling = any(t.params.temperature > 0 for g in groups for t in g.tasks)
         self.queue = deque(groups)
-        # Decode steps may be queued ahead only once no row can join the batch (decode.py).
-        gen = self.gen
-        gen._generation_batch.rows_coming = lambda: bool(
-            self.queue or gen._unprocessed_sequences or len(gen._prompt_batch)
-        )
         # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
         # handful of prefix caches are alive at once.
         self.ahead = 2 * completion

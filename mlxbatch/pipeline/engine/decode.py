@@ -6,13 +6,11 @@ paid whether or not any row asks for logprobs. `RowLogprobsBatch` keeps the one 
 hands each row a `RowLogprobs` (the array and the row's index), sliced only by the rows that
 report logprobs (batch.py). Likewise a finished row's cache is one `LaterRow` handle, cut out
 of the batch's layers only when read, not one handle per layer (12,288 when 512 rows of 24
-layers finish together; batch.py reads none). Once no row can join the batch (its owner says,
-`rows_coming`) and no row has logits processors, up to LOOKAHEAD steps are queued behind the
-one being read: the host encodes them while the device still runs the prefill. Everything
-else is mlx-lm's step, line for line. `HandOverBatch` hands a prompt batch whose rows all
-move on to decoding over as it is: mlx-lm's split deep-copies every layer's keys and values,
-then empties the batch. Both are swapped in by module-global name while a run generates, like
-attention.py, and pinned by mlx-lm<0.33.
+layers finish together; batch.py reads none). Everything else is mlx-lm's step, line for
+line. `HandOverBatch` hands a prompt batch whose rows all move on to decoding over as it is:
+mlx-lm's split deep-copies every layer's keys and values, then empties the batch. Both are
+swapped in by module-global name while a run generates, like attention.py, and pinned by
+mlx-lm<0.33.
 """
 
 from __future__ import annotations
@@ -31,11 +29,6 @@ from mlxbatch.pipeline.engine.cache import RowBatchKVCache
 generate: Any = importlib.import_module("mlx_lm.generate")
 GenerationBatch: Any = generate.GenerationBatch
 PromptProcessingBatch: Any = generate.PromptProcessingBatch
-
-# Decode steps queued behind the one being read once no rows can join the batch, so the host
-# encodes them while the device still runs the prefill: without it, a labelling run's 8 steps
-# (~10 ms of host work each, H200) start only once the prefill is done.
-LOOKAHEAD = 8
 
 
 class RowLogprobs(NamedTuple):
@@ -87,14 +80,6 @@ class RowLogprobsBatch(GenerationBatch):
     _next_logprobs: list[RowLogprobs]
     prompt_cache: list[Any]
     _cutters: list[Callable[[int], Any]] | None = None  # the layers as they are now
-    # Steps queued after _next_tokens, oldest first: (tokens, rows' logprobs).
-    _ahead: list[tuple[Any, list[RowLogprobs]]]
-    # Set by the batch's owner: whether rows may still join it (then no step is queued ahead).
-    rows_coming: Callable[[], bool] = staticmethod(lambda: True)
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self._ahead = []
-        super().__init__(*args, **kwargs)  # runs the first step
 
     def extract_cache(self, idx: int) -> Any:
         """Row `idx`'s per-layer cache as one handle, cut out of the layers when first read."""
@@ -108,52 +93,34 @@ class RowLogprobsBatch(GenerationBatch):
     def filter(self, keep: list[int]) -> None:
         self._cutters = None
         super().filter(keep)
-        if self._ahead and keep:
-            index = mx.array(keep)
-            self._ahead = [(t[index], [rows[i] for i in keep]) for t, rows in self._ahead]
-        elif not keep:
-            self._ahead = []
 
     def extend(self, batch: Any) -> None:
-        if self._ahead:
-            # rows_coming() said no rows would come: steps queued ahead have no room for them.
-            raise RuntimeError("rows added to a batch with decode steps queued ahead")
         self._cutters = None
         super().extend(batch)
 
     def _step(self) -> tuple[list[int], list[Any]]:
         self._cutters = None
-        first = self._current_tokens is None  # __init__'s step: inputs are the prompts' ends
+        # When the tokens handed back now end every row at its max_tokens, the step after them
+        # (mlx-lm always computes it) would only be thrown away.
+        last = self._current_tokens is not None and all(
+            n + 1 >= m for n, m in zip(self._num_tokens, self.max_tokens, strict=True)
+        )
         self._current_tokens = self._next_tokens
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
-        # Steps still to compute after the tokens handed back now. mlx-lm always computes one
-        # more; when these tokens end every row at its max_tokens, it would be thrown away.
-        left = zip(self._num_tokens, self.max_tokens, strict=True)
-        wanted = 1 if first else max((m - n - 1 for n, m in left), default=0)
-        if self._ahead:
-            self._next_tokens, self._next_logprobs = self._ahead.pop(0)
-        elif wanted > 0:
-            self._next_tokens, self._next_logprobs = self._queue(inputs)
-        else:
+        if last:
             self._next_tokens, self._next_logprobs = None, []
-        if not first and not any(self.logits_processors) and not self.rows_coming():
-            while len(self._ahead) < min(LOOKAHEAD, wanted - 1):
-                tail = self._ahead[-1][0] if self._ahead else self._next_tokens
-                self._ahead.append(self._queue(tail))
+        else:
+            self._next_tokens, logprobs, token_context = self._forward(inputs)
+            # The one change: rows get (array, index) handles instead of B evaluated slices.
+            self._next_logprobs = [RowLogprobs(logprobs, i) for i in range(logprobs.shape[0])]
+            mx.async_eval(self._next_tokens, logprobs, token_context)
 
         mx.eval(inputs, _arrays(self._current_logprobs))
         inputs = inputs.tolist()
         for sti, ti in zip(self.tokens, inputs, strict=True):
             sti.append(ti)
         return inputs, self._current_logprobs
-
-    def _queue(self, inputs: Any) -> tuple[Any, list[RowLogprobs]]:
-        """The step after `inputs`, queued on the device: its tokens and rows' logprobs."""
-        tokens, logprobs, token_context = self._forward(inputs)
-        mx.async_eval(tokens, logprobs, token_context)
-        # The one change: rows get (array, index) handles instead of B evaluated slices.
-        return tokens, [RowLogprobs(logprobs, i) for i in range(logprobs.shape[0])]
 
     def _forward(self, inputs: Any) -> tuple[Any, Any, list[Any]]:
         """mlx-lm's forward pass, logits processors and sampling, line for line."""
