@@ -21,7 +21,8 @@ decided by the caller (pipeline/plan.py).
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix
 - score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes (and whether a model takes them),
-                grouped decode steps on CUDA
+                grouped decode steps
+- fused_attention.py  on CUDA, a decode step's attention as one kernel per layer
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports
 """
