@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from benchmarks import decode_step, timeline
@@ -43,3 +44,46 @@ def test_trace_lists_stages_in_the_order_they_started(capsys):
         "  load model               0.250 ->   0.750 s  (1 calls)",
         "  read weights (worker)    0.500 ->   0.900 s  (1 calls)",
     ]
+
+
+def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    from benchmarks import ab
+    from mlxbatch.jobs import runner
+    from mlxbatch.pipeline.engine import prefix
+
+    monkeypatch.delenv("MLXBATCH_DECODE_ATTENTION", raising=False)
+    before = prefix.MAX_PADDING
+    seen = []  # what each run saw: (prefix reuse, MAX_PADDING, the variable)
+    real = runner.run_job
+
+    def spied(spec):
+        seen.append(
+            (spec.prefix_cache, prefix.MAX_PADDING, os.environ.get("MLXBATCH_DECODE_ATTENTION"))
+        )
+        return real(spec)
+
+    monkeypatch.setattr(runner, "run_job", spied)
+    settings = "mlxbatch.pipeline.engine.prefix.MAX_PADDING=0.5,prefix_cache=False"
+    ab.main(
+        ["--model", tiny_model, "--rows", "4", "--max-tokens", "3", "--rounds", "2",
+         "--data-dir", str(tmp_path), "--variant", "plain", "--variant", f"other:{settings}",
+         "--variant", "env:MLXBATCH_DECODE_ATTENTION=mlx"]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"labelling: 4 prompts, 2 rounds, {tiny_model}"
+    pattern = r"(\w+) +median +[\d.]+ s +[\d.]+x  same output rows 4/4  runs [\d.]+ [\d.]+"
+    assert [re.fullmatch(pattern, line).group(1) for line in lines[1:]] == ["plain", "other", "env"]
+    plain, other, env = (True, before, None), (False, 0.5, None), (True, before, "mlx")
+    # Warm-ups, then round 1 in order and round 2 reversed.
+    assert seen == [plain, other, env, plain, other, env, env, other, plain]
+    assert before == prefix.MAX_PADDING
+    assert "MLXBATCH_DECODE_ATTENTION" not in os.environ
+
+
+def test_ab_runs_variants_in_alternating_order():
+    from benchmarks.ab import Variant, alternating
+
+    a, b = Variant.parse("a"), Variant.parse("b:x.Y=1,SOME_ENV=on,n=2")
+    assert (b.constants, b.env, b.spec) == ({"x.Y": 1}, {"SOME_ENV": "on"}, {"n": 2})
+    assert [v.name for v in alternating([a, b], 3)] == ["a", "b", "b", "a", "a", "b"]

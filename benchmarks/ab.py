@@ -1,0 +1,165 @@
+"""`python -m benchmarks.ab`: settings of mlxbatch timed against each other, in one process.
+
+What it does: builds or reuses the benchmark model and workload (as benchmarks.run does), warms
+each variant up once, then runs mlxbatch end to end (file in, file out, store included) under
+each variant in turn, round after round, the order reversed every other round, MLX's buffer
+cache emptied before each run as benchmarks.run does. A variant is `NAME:SETTING,...`, where a
+setting is `MODULE.NAME=VALUE` (a module constant, VALUE a Python literal), a JobSpec field
+(`prefix_cache=False`) or an environment variable (`MLXBATCH_DECODE_ATTENTION=grouped`, for
+settings read while a run goes); each is put back after the variant's run. Prints each
+variant's walls, their median, the ratio of the first variant's median to it, and how many
+output rows are the same as the first variant's.
+
+Why: runs of one setting in separate processes on one H200 differed by up to 25%
+(benchmarks/results/2026-12-01f-h200/), more than most changes being measured; within one
+process the spread is smaller, and alternating spreads what drift remains over the variants.
+
+What it does not do: time peers (benchmarks.run), split a run into stages (benchmarks.timeline)
+or change settings MLX reads once at start-up (run those in separate processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.models import BENCH_DIR, model_dir
+from benchmarks.run import _token_counter
+from benchmarks.workloads import WORKLOADS, make_workload, write_subset
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    constants: dict[str, Any]  # "module.NAME" -> value
+    spec: dict[str, Any]  # JobSpec fields
+    env: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """`NAME:SETTING,...` (or just NAME: the settings as they are)."""
+        from mlxbatch.jobs.spec import JobSpec
+
+        name, _, settings = text.partition(":")
+        fields = {f.name for f in dataclasses.fields(JobSpec)}
+        variant = cls(name, {}, {}, {})
+        for setting in filter(None, settings.split(",")):
+            key, sep, value = setting.partition("=")
+            if not sep:
+                raise SystemExit(f"variant {name!r}: {setting!r} is not KEY=VALUE")
+            if "." in key:
+                variant.constants[key] = ast.literal_eval(value)
+            elif key in fields:
+                variant.spec[key] = ast.literal_eval(value)
+            else:
+                variant.env[key] = value
+        return variant
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The variant's constants and environment in place, put back afterwards."""
+        saved: list[tuple[Any, str, Any]] = []
+        for target, value in self.constants.items():
+            module, name = target.rsplit(".", 1)
+            owner = importlib.import_module(module)
+            saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, value)
+        env = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for owner, name, value in reversed(saved):
+                setattr(owner, name, value)
+            for key, old in env.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+
+
+def alternating(variants: list[Variant], rounds: int) -> Iterator[Variant]:
+    """Every variant once a round, in reverse order every other round (A B, B A, A B, ...)."""
+    for i in range(rounds):
+        yield from (variants if i % 2 == 0 else variants[::-1])
+
+
+def summarize(variants: list[Variant], walls: dict[str, list[float]],
+              same: dict[str, list[int]], rows: int) -> list[str]:  # fmt: skip
+    """One line per variant: walls in run order, median, speed against the first, agreement."""
+    base = statistics.median(walls[variants[0].name])
+    lines = []
+    for v in variants:
+        median = statistics.median(walls[v.name])
+        agree = min(same[v.name], default=rows)
+        lines.append(
+            f"{v.name:<12} median {median:7.3f} s  {base / median:5.2f}x  "
+            f"same output rows {agree}/{rows}  runs " + " ".join(f"{w:.3f}" for w in walls[v.name])
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__)
+    p.add_argument("--variant", action="append", required=True, metavar="NAME:SETTING,...")
+    p.add_argument("--workload", choices=WORKLOADS, default="labelling")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    p.add_argument("--model", help="a model directory instead of a benchmark shape")
+    p.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
+    args = p.parse_args(argv)
+    variants = [Variant.parse(v) for v in args.variant]
+    if len({v.name for v in variants}) < len(variants):
+        raise SystemExit("variant names must differ")
+    import mlx.core as mx
+
+    from mlxbatch.jobs.runner import run_job
+    from mlxbatch.jobs.spec import JobSpec
+
+    gpu = mx.default_device() == mx.gpu
+    model = args.model or str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    wl = make_workload(args.workload, args.data_dir, rows=args.rows, max_tokens=args.max_tokens,
+                       count_tokens=_token_counter(model),
+                       default_rows=512 if gpu else 64)  # fmt: skip
+    walls: dict[str, list[float]] = {v.name: [] for v in variants}
+    same: dict[str, list[int]] = {v.name: [] for v in variants}
+    first: list[Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="mlxbatch-ab-") as tmp:
+        common = dict(model=model, quiet=True, fresh=True, **wl.spec_kwargs())
+        warm_in = str(write_subset(wl, wl.rows if gpu else 8, Path(tmp)))
+        out = Path(tmp) / "out.jsonl"
+        for v in variants:
+            with v.applied():
+                run_job(JobSpec(input=warm_in, output=f"{tmp}/warm.jsonl", **common | v.spec))
+        for v in alternating(variants, args.rounds):
+            with v.applied():
+                gc.collect()
+                mx.clear_cache()
+                t0 = time.perf_counter()
+                run_job(JobSpec(input=str(wl.path), output=str(out), **common | v.spec))
+                walls[v.name].append(time.perf_counter() - t0)
+            rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+            outputs = [(r.get("custom_id", r.get("id")), r.get("output")) for r in rows]
+            first = first or outputs
+            same[v.name].append(sum(a == b for a, b in zip(outputs, first, strict=True)))
+    print(f"{wl.name}: {wl.rows} prompts, {args.rounds} rounds, {model}")
+    for line in summarize(variants, walls, same, len(first or [])):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
