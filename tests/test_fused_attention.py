@@ -59,6 +59,7 @@ def test_fusable_takes_plain_decode_steps_only():
     assert not fusable(q, k, cache, None)
     assert not fusable(mx.concatenate([q, q], axis=2), k, cache, mask)  # a prefill chunk
     assert not fusable(q, k, SimpleNamespace(**vars(cache), bits=4), mask)  # quantized cache
+    assert not fusable(q, k, SimpleNamespace(**vars(cache), max_size=16), mask)  # sliding window
     q96, k96, _, cache96, mask96 = _step(dim=96)
     assert not fusable(q96, k96, cache96, mask96)
     q16, k16, _, cache16, mask16 = _step(dtype=mx.float16)

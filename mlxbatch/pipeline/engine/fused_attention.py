@@ -241,7 +241,8 @@ def fusable(queries: Any, keys: Any, cache: Any, mask: Any, sinks: Any = None) -
         and mask.shape == (b, 1, 1, keys.shape[2])
         and isinstance(idx, int)
         and buffer is not None
-        and not hasattr(cache, "bits")
+        and not hasattr(cache, "bits")  # quantized caches have their own attention
+        and not hasattr(cache, "max_size")  # a sliding window's buffer is a ring, not in order
         and buffer.ndim == 4
         and buffer.shape[0] == b
         and buffer.shape[2] >= idx == keys.shape[2]
