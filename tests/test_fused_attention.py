@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
-from mlxbatch.pipeline.engine import attention
+from mlxbatch.pipeline.engine import attention, fused_attention
 from mlxbatch.pipeline.engine.attention import shared_prefix_attention
 from mlxbatch.pipeline.engine.fused_attention import fusable, fused_decode_attention
 from mlxbatch.testing.tiny_model import build_tiny_model
@@ -50,8 +50,8 @@ def _with_prefix(q, k, v, cache, mask):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=full_mask)
 
 
-def test_fusable_takes_plain_decode_steps_only():
-    q, k, v, cache, mask = _step()
+def test_fusable_takes_plain_decode_steps_of_large_batches_only():
+    q, k, v, cache, mask = _step(rows=64)  # 64 rows x 2 KV heads: a block each, MIN_BLOCKS
     assert fusable(q, k, cache, mask)
     assert not fusable(q, k, cache, mask, sinks=mx.zeros((4,)))
     assert not fusable(q, k, cache, mx.where(mask, 0.0, -1e9))  # additive masks
@@ -60,11 +60,12 @@ def test_fusable_takes_plain_decode_steps_only():
     assert not fusable(mx.concatenate([q, q], axis=2), k, cache, mask)  # a prefill chunk
     assert not fusable(q, k, SimpleNamespace(**vars(cache), bits=4), mask)  # quantized cache
     assert not fusable(q, k, SimpleNamespace(**vars(cache), max_size=16), mask)  # sliding window
-    q96, k96, _, cache96, mask96 = _step(dim=96)
+    q96, k96, _, cache96, mask96 = _step(rows=64, dim=96)
     assert not fusable(q96, k96, cache96, mask96)
-    q16, k16, _, cache16, mask16 = _step(dtype=mx.float16)
+    q16, k16, _, cache16, mask16 = _step(rows=64, dtype=mx.float16)
     assert fusable(q16, k16, cache16, mask16)
     assert not fusable(q16, k16, SimpleNamespace(**vars(cache)), mask16)  # dtypes differ
+    assert not fusable(*_step(rows=63)[:2], *_step(rows=63)[3:])  # too few blocks to fill a GPU
 
 
 @on_cuda
@@ -103,6 +104,7 @@ def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch):
         return fused_decode_attention(queries, cache, scale, mask, prefix)
 
     monkeypatch.setattr(attention, "fused_decode_attention", counted)
+    monkeypatch.setattr(fused_attention, "MIN_BLOCKS", 1)  # a small batch takes it too
     rows = [{"id": i, "text": " ".join(["word"] * (3 + i % 7)) + f" {i}"} for i in range(24)]
     f = write_jsonl(tmp_path / "p.jsonl", rows)
     system = "You label short texts. " * 40

@@ -21,6 +21,10 @@ from typing import Any
 
 THREADS = 128  # per block: four warps
 MAX_GROUP = 8  # query heads per KV head the kernel's registers and shared memory allow
+# One block per row and KV head: below a wave of blocks on a large GPU (an H200 has 132 SMs)
+# most of it would idle while few blocks walk long rows, so small batches keep the grouped
+# matmuls. The kernel was measured at 1,024 blocks (512 rows x 2 KV heads).
+MIN_BLOCKS = 128
 
 _HEADER = """
 // Eight elements from 16-byte-aligned memory, as floats: one 16-byte load for 2-byte types.
@@ -251,6 +255,7 @@ def fusable(queries: Any, keys: Any, cache: Any, mask: Any, sinks: Any = None) -
         and cache.values.shape[-1] == dim
         and heads % buffer.shape[1] == 0
         and heads // buffer.shape[1] <= MAX_GROUP
+        and b * buffer.shape[1] >= MIN_BLOCKS
     )
 
 
