@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.models import BENCH_DIR, model_dir
+from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
 from benchmarks.workloads import WORKLOADS, make_workload, write_subset
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.jobs.spec import JobSpec
 
     gpu = mx.default_device() == mx.gpu
-    model = args.model or str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    model = bench_model(args.model, args.model_shape, gpu)
     wl = make_workload(args.workload, args.data_dir, rows=args.rows, max_tokens=args.max_tokens,
                        count_tokens=_token_counter(model),
                        default_rows=512 if gpu else 64)  # fmt: skip

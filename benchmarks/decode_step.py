@@ -20,7 +20,7 @@ import random
 import time
 from typing import Any
 
-from benchmarks.models import SHAPES, model_dir
+from benchmarks.models import SHAPES, bench_model
 
 
 def prefilled_batch(engine: Any, rows: int, prefix_tokens: int, seed: int = 0) -> tuple[Any, Any]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.pipeline.engine import Engine, attention
 
     gpu = mx.default_device() == mx.gpu
-    path = args.model or str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    path = bench_model(args.model, args.model_shape, gpu)
     engine = Engine(path)
     rows = args.rows or (512 if gpu else 32)
     real = attention.shared_prefix_attention

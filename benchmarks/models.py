@@ -50,6 +50,12 @@ def model_dir(shape: str, root: Path = BENCH_DIR) -> Path:
     return path
 
 
+def bench_model(model: str | None, shape: str | None, gpu: bool) -> str:
+    """The model a benchmark tool runs: `model` (a directory) if given, else the benchmark
+    model of `shape`, by default qwen05b on a GPU and tiny on a CPU."""
+    return model or str(model_dir(shape or ("qwen05b" if gpu else "tiny")))
+
+
 def describe(path: Path) -> dict:
     """A few config facts for the report (layers, hidden size, vocab, dtype)."""
     try:

@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from benchmarks.models import BENCH_DIR, model_dir
+from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
 from benchmarks.workloads import make_workload
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.pipeline.engine import prefix as prefix_module
 
     gpu = mx.default_device() == mx.gpu
-    model = str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    model = bench_model(None, args.model_shape, gpu)
     wl = make_workload(
         "labelling",
         BENCH_DIR / "data",

@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks import contenders as C
 from benchmarks import hf, report
-from benchmarks.models import BENCH_DIR, SHAPES, describe, model_dir
+from benchmarks.models import BENCH_DIR, SHAPES, bench_model, describe
 from benchmarks.workloads import WORKLOADS, Workload, make_workload
 
 CONTENDERS = ("mlxbatch", "mlxbatch-noprefix", "generate", "batch_generate", "transformers")
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads = ["mixed", "labelling"] if args.workload is None else workloads
     # A warm-up over every row shows each batched contender all of its batch shapes once.
     args.warmup_rows = args.warmup_rows or (1 << 30 if device == "gpu" else 8)
-    shape = args.model_shape or ("qwen05b" if device == "gpu" else "tiny")
-    model = args.model or str(model_dir(shape))
+    model = bench_model(args.model, args.model_shape, device == "gpu")
     counter = _token_counter(model)
     env = report.environment()
     print(f"device {env['device']} {env['device_info']}, mlx {env['versions']['mlx']}, "

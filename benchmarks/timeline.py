@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.models import BENCH_DIR, model_dir
+from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
 from benchmarks.workloads import WORKLOADS, make_workload, write_subset
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.jobs.spec import JobSpec
 
     gpu = mx.default_device() == mx.gpu
-    model = str(model_dir(args.model_shape or ("qwen05b" if gpu else "tiny")))
+    model = bench_model(None, args.model_shape, gpu)
     wl = make_workload(
         args.workload,
         BENCH_DIR / "data",
