@@ -11,10 +11,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxbatch.pipeline.engine.sampling import SeededSampler, row_processors
 from mlxbatch.records import PrefixGroup, Result, Task
+
+if TYPE_CHECKING:  # decode.py imports mlx, which this module leaves to its callers
+    from mlxbatch.pipeline.engine.decode import StepResponses
 
 # Test hook: any decode step with more rows than this fails as if out of memory.
 INJECT_OOM_ENV = "MLXBATCH_INJECT_OOM_ROWS"
@@ -118,15 +121,30 @@ class BatchRun:
             active = len(self.gen._generation_batch) if self.limit is not None else 0
             if self.limit is not None and active > self.limit:
                 raise RuntimeError(f"[malloc] injected out of memory with {active} rows")
-            responses = self.gen.next_generated()
-            if not responses and not self.queue:
+            step = self.gen.next_generated()
+            if not step and not self.queue:
                 raise RuntimeError(f"generation stalled with {len(self.tasks)} rows unfinished")
-            for r in responses:
-                if r.finish_reason != "stop" and r.uid in self.logprobs:
-                    entry = self._token_logprobs(r.uid, r.token, r.logprobs.value())
-                    self.logprobs[r.uid].append(entry)
-                self._advance(r.uid, r.token, r.finish_reason)
+            if step:
+                self._take(step)
         return True
+
+    def _take(self, step: StepResponses) -> None:
+        """One decode step's tokens. Most rows just get theirs; rows that finish, watch for
+        stop strings or report logprobs go through `_advance`, in row order."""
+        special = set(step.finished)
+        if self.stops or self.logprobs:
+            watched = self.stops.keys() | self.logprobs.keys()
+            special.update(i for i, uid in enumerate(step.uids) if uid in watched)
+        tokens = self.tokens
+        for i, (uid, token) in enumerate(zip(step.uids, step.tokens, strict=True)):
+            if i not in special and uid in tokens:
+                tokens[uid].append(token)
+        for i in sorted(special):
+            r = step[i]
+            if r.finish_reason != "stop" and r.uid in self.logprobs:
+                entry = self._token_logprobs(r.uid, r.token, r.logprobs.value())
+                self.logprobs[r.uid].append(entry)
+            self._advance(r.uid, r.token, r.finish_reason)
 
     def _advance(self, uid: int, token: int, finish: str | None) -> None:
         if uid not in self.tasks:

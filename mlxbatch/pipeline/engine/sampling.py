@@ -21,13 +21,18 @@ def _row_seed(task: Task) -> int:
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
 
-def _step_key(seed: int, step: int) -> tuple[int, int]:
-    """A row's key at one step: a splitmix64 mix of (row seed, step), as two uint32 words."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z ^= z >> 31
-    return z >> 32, z & 0xFFFFFFFF
+def step_keys(seeds: Any, steps: Any) -> Any:
+    """Rows' keys at their steps: a splitmix64 mix of (row seed, step) per row, as
+    [rows, 2] uint32 words (high, low). Vectorized over the batch: in Python, row by row,
+    it cost ~1 ms of every 512-row step."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 intends
+        z = seeds + (steps + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return np.stack([z >> np.uint64(32), z & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32)
 
 
 class _SampledRow:
@@ -36,6 +41,36 @@ class _SampledRow:
         self.temperature = task.params.temperature
         self.top_p = task.params.top_p
         self.step = 0
+
+
+class _Layout:
+    """What the sampler needs of one batch composition (its uids in order), made once for
+    the steps it lasts: the rows' seeds and steps, and the per-row constants on the device."""
+
+    def __init__(self, uids: tuple[int, ...], rows: list[_SampledRow | None]):
+        import mlx.core as mx
+        import numpy as np
+
+        self.uids, self.rows = uids, rows
+        self.sampled = np.array([r is not None for r in rows])
+        self.seeds = np.array([r.seed if r else 0 for r in rows], np.uint64)
+        self.steps = np.array([r.step if r else 0 for r in rows], np.uint64)
+        top_p = [r.top_p if r else 1.0 for r in rows]
+        self.top_p = mx.array(top_p)[:, None] if min(top_p) < 1.0 else None
+        self.inv_temp = mx.array([1.0 / r.temperature if r else 1.0 for r in rows])[:, None]
+        self.is_sampled = mx.array(self.sampled)
+
+    def take_keys(self) -> Any:
+        """This step's keys; sampled rows move on a step."""
+        keys = step_keys(self.seeds, self.steps)
+        self.steps[self.sampled] += 1
+        return keys
+
+    def close(self) -> None:
+        """Hand the steps back to the rows, for the next composition they are in."""
+        for row, step in zip(self.rows, self.steps.tolist(), strict=True):
+            if row is not None:
+                row.step = step
 
 
 def calling_batch_uids(rows: int) -> list[int]:
@@ -62,6 +97,7 @@ class SeededSampler:
 
     def __init__(self) -> None:
         self.rows: dict[int, _SampledRow] = {}
+        self._layout: _Layout | None = None  # of the batch that called last
 
     def register(self, uid: int, task: Task) -> None:
         if task.params.temperature > 0:
@@ -74,23 +110,25 @@ class SeededSampler:
         import mlx.core as mx
         from mlx_lm.sample_utils import apply_top_p
 
-        rows = [self.rows.get(uid) for uid in calling_batch_uids(logprobs.shape[0])]
+        layout = self._layout_for(tuple(calling_batch_uids(logprobs.shape[0])))
         greedy = mx.argmax(logprobs, axis=-1)
-        sampled = [r for r in rows if r is not None]
-        if not sampled:
+        if not layout.sampled.any():
             return greedy
-        keys = mx.array([_step_key(r.seed, r.step) if r else (0, 0) for r in rows], mx.uint32)
-        for r in sampled:
-            r.step += 1
-        top_p = [r.top_p if r else 1.0 for r in rows]
-        if min(top_p) < 1.0:
-            p = mx.array(top_p)[:, None]
-            logprobs = mx.where(p < 1.0, apply_top_p(logprobs, p), logprobs)
-        inv_temp = mx.array([1.0 / r.temperature if r else 1.0 for r in rows])[:, None]
+        keys = mx.array(layout.take_keys())
+        if layout.top_p is not None:
+            logprobs = mx.where(layout.top_p < 1.0, apply_top_p(logprobs, layout.top_p), logprobs)
         vocab = logprobs.shape[-1]
         noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
-        drawn = mx.argmax(logprobs * inv_temp + noise, axis=-1)
-        return mx.where(mx.array([r is not None for r in rows]), drawn, greedy)
+        drawn = mx.argmax(logprobs * layout.inv_temp + noise, axis=-1)
+        return mx.where(layout.is_sampled, drawn, greedy)
+
+    def _layout_for(self, uids: tuple[int, ...]) -> _Layout:
+        # A batch keeps its rows for many steps; rows join, finish or fail only now and then.
+        if self._layout is None or self._layout.uids != uids:
+            if self._layout is not None:
+                self._layout.close()
+            self._layout = _Layout(uids, [self.rows.get(uid) for uid in uids])
+        return self._layout
 
 
 def row_processors(task: Task, masks: Any) -> list[Callable]:
