@@ -103,8 +103,8 @@ class RowLogprobsBatch(GenerationBatch):
 
     def next(self) -> Any:
         """mlx-lm's `next`: count each row's tokens, advance its stop matcher, cut out the rows
-        that finish. Its per-row loop (a Response per row and step: ~1.5 ms of a 512-row step
-        on an H200 host) is cut to what a step needs."""
+        that finish. Its per-row loop (a Response per row and step; with the stop matchers ~2 ms
+        of a 512-row step under a profiler, H200 host) is cut to what a step needs."""
         if not self.uids:
             return []
         tokens, logprobs = self._step()
