@@ -50,8 +50,8 @@ def _with_prefix(q, k, v, cache, mask):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=full_mask)
 
 
-def test_fusable_takes_plain_decode_steps_of_large_batches_only():
-    q, k, v, cache, mask = _step(rows=64)  # 64 rows x 2 KV heads: a block each, MIN_BLOCKS
+def test_fusable_takes_plain_decode_steps_of_rows_up_to_max_keys():
+    q, k, v, cache, mask = _step(rows=64)
     assert fusable(q, k, cache, mask)
     assert not fusable(q, k, cache, mask, sinks=mx.zeros((4,)))
     assert not fusable(q, k, cache, mx.where(mask, 0.0, -1e9))  # additive masks
@@ -65,7 +65,13 @@ def test_fusable_takes_plain_decode_steps_of_large_batches_only():
     q16, k16, _, cache16, mask16 = _step(rows=64, dtype=mx.float16)
     assert fusable(q16, k16, cache16, mask16)
     assert not fusable(q16, k16, SimpleNamespace(**vars(cache)), mask16)  # dtypes differ
-    assert not fusable(*_step(rows=63)[:2], *_step(rows=63)[3:])  # too few blocks to fill a GPU
+    assert fusable(*_step(rows=1)[:2], *_step(rows=1)[3:])  # small batches too
+    # Keys each block walks, a shared prefix's included: at most MAX_KEYS.
+    limit = fused_attention.MAX_KEYS
+    at, over = _step(rows=3, prefix=limit - 9), _step(rows=3, prefix=limit - 8)
+    assert fusable(*at[:2], *at[3:]) and not fusable(*over[:2], *over[3:])
+    q, k, _, cache, mask = _step(rows=3, idx=limit + 1, capacity=limit + 8)
+    assert not fusable(q, k, cache, mask)
 
 
 @on_cuda
@@ -104,7 +110,6 @@ def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch):
         return fused_decode_attention(queries, cache, scale, mask, prefix)
 
     monkeypatch.setattr(attention, "fused_decode_attention", counted)
-    monkeypatch.setattr(fused_attention, "MIN_BLOCKS", 1)  # a small batch takes it too
     rows = [{"id": i, "text": " ".join(["word"] * (3 + i % 7)) + f" {i}"} for i in range(24)]
     f = write_jsonl(tmp_path / "p.jsonl", rows)
     system = "You label short texts. " * 40

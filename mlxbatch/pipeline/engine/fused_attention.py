@@ -21,10 +21,14 @@ from typing import Any
 
 THREADS = 128  # per block: four warps
 MAX_GROUP = 8  # query heads per KV head the kernel's registers and shared memory allow
-# One block per row and KV head: below a wave of blocks on a large GPU (an H200 has 132 SMs)
-# most of it would idle while few blocks walk long rows, so small batches keep the grouped
-# matmuls. The kernel was measured at 1,024 blocks (512 rows x 2 KV heads).
-MIN_BLOCKS = 128
+# Each (row, KV head) block walks every key of its row, a shared prefix's included, while the
+# grouped matmuls read a held-once prefix once for the whole batch. On an H200
+# (benchmarks.decode_step, 2026-12-01g-h200/min-blocks.txt) the kernel won behind a 1,550-key
+# prefix (16 / 32 rows: 5.7-6.9 / 7.6-10.0 ms a step against 9.5-14.0 / 9.2-13.0; 512 rows:
+# 9.4-9.6 against 13.4-15.6) and lost behind 16,000 keys (16 / 32 rows: 24.6-25.4 ms against
+# 8.3-12.0). Rows with more keys than this keep the grouped matmuls; between ~1,700 and
+# 16,000 keys neither was measured.
+MAX_KEYS = 2048
 
 _HEADER = """
 // Eight elements from 16-byte-aligned memory, as floats: one 16-byte load for 2-byte types.
@@ -229,12 +233,15 @@ def _no_prefix(kv_heads: int, dim: int, dtype: Any) -> Any:
 
 def fusable(queries: Any, keys: Any, cache: Any, mask: Any, sinks: Any = None) -> bool:
     """Whether the kernel covers this call: one decode step, a [rows, 1, 1, keys] bool mask
-    over the cache's own keys, plain (unquantized) keys of a supported shape and dtype."""
+    over the cache's own keys, plain (unquantized) keys of a supported shape and dtype, and
+    rows of at most MAX_KEYS keys with their shared prefix."""
     import mlx.core as mx
 
     b, heads, n, dim = queries.shape
     buffer = getattr(cache, "keys", None)
     idx = getattr(cache, "_idx", None)
+    prefix = getattr(cache, "prefix", None)
+    prefix_length = prefix[0].shape[2] if prefix is not None else 0
     return (
         n == 1
         and sinks is None
@@ -255,7 +262,7 @@ def fusable(queries: Any, keys: Any, cache: Any, mask: Any, sinks: Any = None) -
         and cache.values.shape[-1] == dim
         and heads % buffer.shape[1] == 0
         and heads // buffer.shape[1] <= MAX_GROUP
-        and b * buffer.shape[1] >= MIN_BLOCKS
+        and idx + prefix_length <= MAX_KEYS
     )
 
 
