@@ -11,7 +11,9 @@ row's own, masked by the step's padding mask and read from the cache's whole buf
 slice is copied.
 
 It covers decode steps of models whose head size is 64 or 128 with up to 8 query heads per KV
-head, on CUDA; everything else stays with attention.py. It does not run on Metal or the CPU.
+head, for rows of up to MAX_KEYS keys (a long shared prefix is read once per batch by
+attention.py's matmuls, once per row here), on CUDA; everything else stays with attention.py.
+It does not run on Metal or the CPU.
 """
 
 from __future__ import annotations
