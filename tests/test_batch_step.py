@@ -32,27 +32,25 @@ def _tasks(params: list[GenParams]) -> list[Task]:
 
 
 def _run(engine, tasks, one_by_one: bool, monkeypatch) -> dict:
-    if one_by_one:
-        real = BatchRun._take
-
-        def every_row_alone(self, step):
-            # Every row through _advance, as when each row of a step was taken by itself.
-            self.stops.update({uid: _Never() for uid in step.uids if uid not in self.stops})
-            try:
-                real(self, step)
-            finally:
-                for uid in [u for u, w in self.stops.items() if isinstance(w, _Never)]:
-                    del self.stops[uid]
-
-        monkeypatch.setattr(BatchRun, "_take", every_row_alone)
     results = []
-    try:
+    with monkeypatch.context() as patch:
+        if one_by_one:
+            real = BatchRun._take
+
+            def every_row_alone(self, step):
+                # Every row through _advance, as when each row of a step was taken by itself.
+                self.stops.update({uid: _Never() for uid in step.uids if uid not in self.stops})
+                try:
+                    real(self, step)
+                finally:
+                    for uid in [u for u, w in self.stops.items() if isinstance(w, _Never)]:
+                        del self.stops[uid]
+
+            patch.setattr(BatchRun, "_take", every_row_alone)
         engine.generate(
             [PrefixGroup([], tasks)], completion_batch_size=8, prefill_batch_size=8,
             on_result=results.append,
         )  # fmt: skip
-    finally:
-        monkeypatch.undo()
     return {r.key: (r.text, r.finish_reason, r.completion_tokens, r.extra) for r in results}
 
 
@@ -79,7 +77,6 @@ def test_a_step_taken_whole_gives_what_each_row_taken_alone_gives(engine, monkey
         GenParams(max_tokens=8, temperature=0.9, seed=3),
     ]
     whole = _run(engine, _tasks(params), False, monkeypatch)
-    monkeypatch.setattr(engine, "eos_ids", [first_tokens[2]])
     alone = _run(engine, _tasks(params), True, monkeypatch)
     assert whole == alone
     assert len(whole) == len(params)

@@ -100,11 +100,9 @@ class WorkerSlots:
     def any_started(self) -> bool:
         return any(s.started for s in self.slots)
 
-    def on_ready(self, ready: Any) -> bool:
-        """Take a worker's `info` once its model loaded; False if `ready` is no worker's."""
-        slot = next((s for s in self.slots if s.ready == ready), None)
-        if slot is None:
-            return False
+    def on_ready(self, ready: Any) -> None:
+        """Take a worker's `info` (one of `loading()`) once its model loaded."""
+        slot = next(s for s in self.slots if s.ready == ready)
         try:
             info = self.ray.get(ready)
         except self.ray.exceptions.RayError as e:
@@ -113,7 +111,7 @@ class WorkerSlots:
                     f"a Ray worker could not load the model: {failure_reason(e)}"
                 ) from None
             self.replace(slot, failure_reason(e))  # killed while loading: like any other death
-            return True
+            return
         if info["identity"] != self._identity:
             raise RayExecutorError(
                 f"the Ray worker on {info['host']} loaded {self.spec.model} as a different model "
@@ -123,7 +121,6 @@ class WorkerSlots:
             )
         slot.info, slot.ready = info, None
         log.debug("Ray worker %s ready: pid %s on %s", slot.name, info["pid"], info["host"])
-        return True
 
     def replace(self, slot: Slot, reason: str, relaunch: bool = True) -> None:
         """Drop a dead worker; start a fresh one in its place while the budget lasts."""

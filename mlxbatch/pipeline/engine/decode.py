@@ -126,6 +126,7 @@ class RowLogprobsBatch(GenerationBatch):
             )
             for i in ended
         }
+        # uids copied: mlx-lm extends the batch's list in place before the step is read.
         step = StepResponses(self.Response, list(self.uids), tokens, logprobs, finished)
         if ended:
             gone = set(ended)

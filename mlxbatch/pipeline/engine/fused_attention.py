@@ -23,13 +23,10 @@ from typing import Any
 
 THREADS = 128  # per block: four warps
 MAX_GROUP = 8  # query heads per KV head the kernel's registers and shared memory allow
-# Each (row, KV head) block walks every key of its row, a shared prefix's included, while the
-# grouped matmuls read a held-once prefix once for the whole batch. On an H200
-# (benchmarks.decode_step, 2026-12-01g-h200/min-blocks.txt) the kernel won behind a 1,550-key
-# prefix (16 / 32 rows: 5.7-6.9 / 7.6-10.0 ms a step against 9.5-14.0 / 9.2-13.0; 512 rows:
-# 9.4-9.6 against 13.4-15.6) and lost behind 16,000 keys (16 / 32 rows: 24.6-25.4 ms against
-# 8.3-12.0). Rows with more keys than this keep the grouped matmuls; between ~1,700 and
-# 16,000 keys neither was measured.
+# A block walks every key of its row, prefix included; the matmuls read a held-once prefix
+# once per batch. H200 decode steps (results 2026-12-01g-h200/min-blocks.txt): the kernel won
+# behind 1,550 keys (16-512 rows) and lost behind 16,000 (24.6-25.4 against 8.3-12.0 ms at
+# 16-32 rows). Rows of more keys keep the matmuls; ~1,700-16,000 keys were not measured.
 MAX_KEYS = 2048
 
 _HEADER = """
