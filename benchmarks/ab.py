@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", help="a model directory instead of a benchmark shape")
     p.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--system-tokens", type=int, default=1500, help="labelling's system prompt")
     p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
     args = p.parse_args(argv)
     variants = [Variant.parse(v) for v in args.variant]
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = mx.default_device() == mx.gpu
     model = bench_model(args.model, args.model_shape, gpu)
     wl = make_workload(args.workload, args.data_dir, rows=args.rows, max_tokens=args.max_tokens,
-                       count_tokens=_token_counter(model),
+                       count_tokens=_token_counter(model), system_tokens=args.system_tokens,
                        default_rows=512 if gpu else 64)  # fmt: skip
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     same: dict[str, list[int]] = {v.name: [] for v in variants}

@@ -23,10 +23,10 @@ SHAPES: dict[str, dict] = {
         hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         intermediate_size=688, vocab_size=4096, max_position_embeddings=4096, dtype="float32",
     ),
-    # Qwen2.5-0.5B's transformer shapes (without its 151k vocabulary), for GPUs.
+    # Qwen2.5-0.5B's transformer shapes and context (without its 151k vocabulary), for GPUs.
     "qwen05b": dict(
         hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=8192, max_position_embeddings=4096, dtype="bfloat16",
+        intermediate_size=4864, vocab_size=8192, max_position_embeddings=32768, dtype="bfloat16",
     ),
 }  # fmt: skip
 

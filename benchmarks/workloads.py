@@ -121,11 +121,12 @@ def labelling_system(count_tokens: Any, target_tokens: int = 1500, seed: int = 0
 def make_workload(
     name: str, data_dir: Path, *, rows: int | None, max_tokens: int | None, seed: int = 0,
     count_tokens: Any = None, template: str | None = None, default_rows: int = 64,
+    system_tokens: int = 1500,
 ) -> Workload:  # fmt: skip
     """Write (or reuse) the input file for `name` and return its settings.
 
-    `count_tokens` (text -> int) sizes the labelling system prompt to ~1,500 tokens of the
-    model's own tokenizer; without it, a word-count estimate is used.
+    `count_tokens` (text -> int) sizes the labelling system prompt to `system_tokens` tokens of
+    the model's own tokenizer; without it, a word-count estimate is used.
     """
     if name == "mixed":
         n_rows = rows or default_rows
@@ -140,8 +141,9 @@ def make_workload(
         path = data_dir / f"labelling-{n_rows}-s{seed}.jsonl"
         _write_rows(path, data)
         counter = count_tokens or (lambda t: int(len(t.split()) * 1.3))
-        system = labelling_system(counter, seed=seed)
-        (data_dir / f"labelling-system-s{seed}.txt").write_text(system, encoding="utf-8")
+        system = labelling_system(counter, system_tokens, seed=seed)
+        system_file = data_dir / f"labelling-system-{system_tokens}-s{seed}.txt"
+        system_file.write_text(system, encoding="utf-8")
         return Workload(name, path, n_rows, max_tokens or 8, template=template or LABEL_TEMPLATE,
                         system=system, notes={"row_words": "20-60",
                                               "system_tokens": counter(system)})  # fmt: skip

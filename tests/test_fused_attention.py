@@ -13,7 +13,7 @@ import pytest
 
 from mlxbatch.pipeline.engine import attention, fused_attention
 from mlxbatch.pipeline.engine.attention import shared_prefix_attention
-from mlxbatch.pipeline.engine.fused_attention import fusable, fused_decode_attention
+from mlxbatch.pipeline.engine.fused_attention import fusable, fused_decode_attention, key_splits
 from mlxbatch.testing.tiny_model import build_tiny_model
 from tests.conftest import read_jsonl, write_jsonl
 from tests.test_cli_process import process
@@ -50,7 +50,7 @@ def _with_prefix(q, k, v, cache, mask):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=full_mask)
 
 
-def test_fusable_takes_plain_decode_steps_of_rows_up_to_max_keys():
+def test_fusable_takes_plain_decode_steps_up_to_max_row_keys(monkeypatch):
     q, k, v, cache, mask = _step(rows=64)
     assert fusable(q, k, cache, mask)
     assert not fusable(q, k, cache, mask, sinks=mx.zeros((4,)))
@@ -66,12 +66,14 @@ def test_fusable_takes_plain_decode_steps_of_rows_up_to_max_keys():
     assert fusable(q16, k16, cache16, mask16)
     assert not fusable(q16, k16, SimpleNamespace(**vars(cache)), mask16)  # dtypes differ
     assert fusable(*_step(rows=1)[:2], *_step(rows=1)[3:])  # small batches too
-    # Keys each block walks, a shared prefix's included: at most MAX_KEYS.
-    limit = fused_attention.MAX_KEYS
-    at, over = _step(rows=3, prefix=limit - 9), _step(rows=3, prefix=limit - 8)
+    # Keys the step's blocks walk, every row's and the shared prefix's: at most MAX_ROW_KEYS.
+    monkeypatch.setattr(fused_attention, "MAX_ROW_KEYS", 3 * 100)
+    at, over = _step(rows=3, prefix=100 - 9), _step(rows=3, prefix=100 - 8)
     assert fusable(*at[:2], *at[3:]) and not fusable(*over[:2], *over[3:])
-    q, k, _, cache, mask = _step(rows=3, idx=limit + 1, capacity=limit + 8)
+    q, k, _, cache, mask = _step(rows=3, idx=101, capacity=108)
     assert not fusable(q, k, cache, mask)
+    q, k, _, cache, mask = _step(rows=2, idx=101, capacity=108)  # fewer rows, longer ones
+    assert fusable(q, k, cache, mask)
 
 
 @on_cuda
@@ -89,24 +91,58 @@ def test_kernel_matches_mlx(heads, kv_heads, dim, prefix):
     assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
 
 
+def test_keys_split_only_where_rows_are_few_and_long():
+    assert key_splits(1024, 16000) == 1  # 512 rows, 2 KV heads: the device is full already
+    assert key_splits(32, 16000) == 32  # 16 rows: 32 blocks become 1,024
+    assert key_splits(128, 16000) == 8
+    assert key_splits(32, 1550) == 4  # each share keeps MIN_SHARE keys or more
+    assert key_splits(32, 511) == 1
+    assert key_splits(1, 10**6) == fused_attention.MAX_SPLITS
+
+
+@on_cuda
+@pytest.mark.parametrize("splits", [2, 8, 32])
+@pytest.mark.parametrize("prefix", [0, 300])
+def test_split_keys_match_mlx(monkeypatch, splits, prefix):
+    # Shares of 32 keys: at 32 splits most are empty, and row 0's first ones are all padding.
+    monkeypatch.setattr(fused_attention, "MIN_SHARE", 1)
+    monkeypatch.setattr(fused_attention, "MAX_SPLITS", splits)
+    q, k, v, cache, mask = _step(7, 14, 2, 64, idx=140, capacity=256, prefix=prefix)
+    mask = mx.concatenate([mask[:1] & (mx.arange(140) >= 100), mask[1:]])
+    assert key_splits(7 * 2, 140 + prefix) == splits
+    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix)
+    if prefix:
+        theirs = _with_prefix(q, k, v, cache, mask)
+    else:
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert ours.shape == theirs.shape == q.shape
+    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+
+
 @on_cuda
 def test_kernel_in_bfloat16_stays_within_rounding():
     q, k, v, cache, mask = _step(
         9, 14, 2, 64, idx=200, capacity=256, prefix=1500, dtype=mx.bfloat16
     )
+    assert key_splits(9 * 2, 1700) == 4  # the split path, as a small batch behind a prefix takes
     ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix).astype(mx.float32)
     theirs = shared_prefix_attention(q, k, v, cache, 0.125, mask).astype(mx.float32)
     assert mx.abs(ours - theirs).max().item() < 2e-2
 
 
 @on_cuda
-def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch):
-    # Head size 64 (the tiny test model's is 16), and a system prompt shared by every row.
+@pytest.mark.parametrize("min_share", [10**6, 16])
+def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch, min_share):
+    # Head size 64 (the tiny test model's is 16), and a system prompt shared by every row; steps
+    # split their keys into shares of 16 keys or more, or never.
+    monkeypatch.setattr(fused_attention, "MIN_SHARE", min_share)
     model = str(build_tiny_model(tmp_path / "m", hidden_size=256, num_attention_heads=4))
-    calls = []
+    calls, splits = [], []
 
     def counted(queries, cache, scale, mask, prefix=None):
         calls.append(prefix is not None)
+        keys = cache._idx + (prefix[0].shape[2] if prefix is not None else 0)
+        splits.append(key_splits(queries.shape[0] * cache.keys.shape[1], keys))
         return fused_decode_attention(queries, cache, scale, mask, prefix)
 
     monkeypatch.setattr(attention, "fused_decode_attention", counted)
@@ -125,3 +161,4 @@ def test_run_with_the_kernel_gives_the_same_text(tmp_path, monkeypatch):
         assert bool(calls) == (choice == "fused")
         assert all(calls)
     assert texts["fused"] == texts["grouped"] == texts["mlx"]
+    assert (max(splits) > 1) == (min_share == 16)
