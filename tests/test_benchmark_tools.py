@@ -55,9 +55,11 @@ def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp
     monkeypatch.delenv("MLXBATCH_DECODE_ATTENTION", raising=False)
     before = prefix.MAX_PADDING
     seen = []  # what each run saw: (prefix reuse, MAX_PADDING, the variable)
+    systems = set()
     real = runner.run_job
 
     def spied(spec):
+        systems.add(spec.system)
         seen.append(
             (spec.prefix_cache, prefix.MAX_PADDING, os.environ.get("MLXBATCH_DECODE_ATTENTION"))
         )
@@ -67,7 +69,7 @@ def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp
     settings = "mlxbatch.pipeline.engine.prefix.MAX_PADDING=0.5,prefix_cache=False"
     ab.main(
         ["--model", tiny_model, "--rows", "4", "--max-tokens", "3", "--rounds", "2",
-         "--data-dir", str(tmp_path), "--variant", "plain", "--variant", f"other:{settings}",
+         "--system-tokens", "200", "--data-dir", str(tmp_path), "--variant", "plain", "--variant", f"other:{settings}",
          "--variant", "env:MLXBATCH_DECODE_ATTENTION=mlx"]
     )  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
@@ -79,6 +81,10 @@ def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp
     assert seen == [plain, other, env, plain, other, env, env, other, plain]
     assert before == prefix.MAX_PADDING
     assert "MLXBATCH_DECODE_ATTENTION" not in os.environ
+    # One system prompt, grown to --system-tokens tokens of the model's tokenizer and no further
+    # than one more few-shot example.
+    [system] = systems
+    assert 200 <= ab._token_counter(tiny_model)(system) < 400
 
 
 def test_ab_runs_variants_in_alternating_order():
