@@ -22,7 +22,9 @@ decided by the caller (pipeline/plan.py).
 - score.py      choice scoring: every choice of a task in one batched forward pass
 - attention.py  attention while generating: shared prefixes (and whether a model takes them),
                 grouped decode steps
-- fused_attention.py  on CUDA, a decode step's attention as one kernel per layer
+- fused_attention.py  on CUDA, a decode step's attention as one kernel per layer (or two, a
+                row's keys split across blocks where rows are few and long)
+- decode_kernels.py   the CUDA source of those kernels
 - errors.py     load errors and error records
 - runtime.py    what `mlxbatch doctor` reports
 """
