@@ -50,6 +50,16 @@ def _with_prefix(q, k, v, cache, mask):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=full_mask)
 
 
+def _assert_kernel_matches_mlx(q, k, v, cache, mask):
+    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix)
+    if cache.prefix is not None:
+        theirs = _with_prefix(q, k, v, cache, mask)
+    else:
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert ours.shape == theirs.shape == q.shape
+    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+
+
 def test_fusable_takes_plain_decode_steps_up_to_max_row_keys(monkeypatch):
     q, k, v, cache, mask = _step(rows=64)
     assert fusable(q, k, cache, mask)
@@ -82,13 +92,7 @@ def test_fusable_takes_plain_decode_steps_up_to_max_row_keys(monkeypatch):
 @pytest.mark.parametrize("prefix", [0, 300])
 def test_kernel_matches_mlx(heads, kv_heads, dim, prefix):
     q, k, v, cache, mask = _step(7, heads, kv_heads, dim, idx=140, capacity=256, prefix=prefix)
-    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix)
-    if prefix:
-        theirs = _with_prefix(q, k, v, cache, mask)
-    else:
-        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
-    assert ours.shape == theirs.shape == q.shape
-    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+    _assert_kernel_matches_mlx(q, k, v, cache, mask)
 
 
 def test_keys_split_only_where_rows_are_few_and_long():
@@ -110,13 +114,7 @@ def test_split_keys_match_mlx(monkeypatch, splits, prefix):
     q, k, v, cache, mask = _step(7, 14, 2, 64, idx=140, capacity=256, prefix=prefix)
     mask = mx.concatenate([mask[:1] & (mx.arange(140) >= 100), mask[1:]])
     assert key_splits(7 * 2, 140 + prefix) == splits
-    ours = fused_decode_attention(q, cache, 0.125, mask, cache.prefix)
-    if prefix:
-        theirs = _with_prefix(q, k, v, cache, mask)
-    else:
-        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
-    assert ours.shape == theirs.shape == q.shape
-    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+    _assert_kernel_matches_mlx(q, k, v, cache, mask)
 
 
 @on_cuda
