@@ -7,8 +7,8 @@ cache emptied before each run as benchmarks.run does. A variant is `NAME:SETTING
 setting is `MODULE.NAME=VALUE` (a module constant, VALUE a Python literal), a JobSpec field
 (`prefix_cache=False`) or an environment variable (`MLXBATCH_DECODE_ATTENTION=grouped`, for
 settings read while a run goes); each is put back after the variant's run. Prints each
-variant's walls, their median, the ratio of the first variant's median to it, and how many
-output rows are the same as the first variant's.
+variant's walls, their median, the ratio of the first variant's median to it, how many output
+rows are the same as the first variant's, and MLX's highest peak memory over its runs.
 
 Why: runs of one setting in separate processes on one H200 differed by up to 25%
 (benchmarks/results/2026-12-01f-h200/), more than most changes being measured; within one
@@ -97,16 +97,20 @@ def alternating(variants: list[Variant], rounds: int) -> Iterator[Variant]:
 
 
 def summarize(variants: list[Variant], walls: dict[str, list[float]],
-              same: dict[str, list[int]], rows: int) -> list[str]:  # fmt: skip
-    """One line per variant: walls in run order, median, speed against the first, agreement."""
+              same: dict[str, list[int]], rows: int,
+              peaks: dict[str, list[int]]) -> list[str]:  # fmt: skip
+    """One line per variant: median, speed against the first, agreement, MLX's highest peak
+    memory over the variant's runs, walls in run order."""
     base = statistics.median(walls[variants[0].name])
     lines = []
     for v in variants:
         median = statistics.median(walls[v.name])
         agree = min(same[v.name], default=rows)
+        peak = max(peaks[v.name], default=0) / 2**20
         lines.append(
             f"{v.name:<12} median {median:7.3f} s  {base / median:5.2f}x  "
-            f"same output rows {agree}/{rows}  runs " + " ".join(f"{w:.3f}" for w in walls[v.name])
+            f"same output rows {agree}/{rows}  peak {peak:,.0f} MiB  runs "
+            + " ".join(f"{w:.3f}" for w in walls[v.name])
         )
     return lines
 
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                        count_tokens=_token_counter(model), system_tokens=args.system_tokens,
                        default_rows=512 if gpu else 64)  # fmt: skip
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
+    peaks: dict[str, list[int]] = {v.name: [] for v in variants}
     same: dict[str, list[int]] = {v.name: [] for v in variants}
     first: list[Any] | None = None
     with tempfile.TemporaryDirectory(prefix="mlxbatch-ab-") as tmp:
@@ -150,15 +155,17 @@ def main(argv: list[str] | None = None) -> None:
             with v.applied():
                 gc.collect()
                 mx.clear_cache()
+                mx.reset_peak_memory()
                 t0 = time.perf_counter()
                 run_job(JobSpec(input=str(wl.path), output=str(out), **common | v.spec))
                 walls[v.name].append(time.perf_counter() - t0)
+                peaks[v.name].append(mx.get_peak_memory())
             rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
             outputs = [(r.get("custom_id", r.get("id")), r.get("output")) for r in rows]
             first = first or outputs
             same[v.name].append(sum(a == b for a, b in zip(outputs, first, strict=True)))
     print(f"{wl.name}: {wl.rows} prompts, {args.rounds} rounds, {model}")
-    for line in summarize(variants, walls, same, len(first or [])):
+    for line in summarize(variants, walls, same, len(first or []), peaks):
         print(line)
 
 

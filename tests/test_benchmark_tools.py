@@ -74,8 +74,13 @@ def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp
     )  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"labelling: 4 prompts, 2 rounds, {tiny_model}"
-    pattern = r"(\w+) +median +[\d.]+ s +[\d.]+x  same output rows 4/4  runs [\d.]+ [\d.]+"
-    assert [re.fullmatch(pattern, line).group(1) for line in lines[1:]] == ["plain", "other", "env"]
+    pattern = (
+        r"(\w+) +median +[\d.]+ s +[\d.]+x  same output rows 4/4  peak ([\d,]+) MiB  "
+        r"runs [\d.]+ [\d.]+"
+    )
+    matches = [re.fullmatch(pattern, line) for line in lines[1:]]
+    assert [m.group(1) for m in matches] == ["plain", "other", "env"]
+    assert all(int(m.group(2).replace(",", "")) > 0 for m in matches)  # the model's weights
     plain, other, env = (True, before, None), (False, 0.5, None), (True, before, "mlx")
     # Warm-ups, then round 1 in order and round 2 reversed.
     assert seen == [plain, other, env, plain, other, env, env, other, plain]
