@@ -96,6 +96,8 @@ def test_second_run_on_same_store_is_refused(tmp_path, tiny_model):
     first = start(inp, out, tiny_model)
     try:
         wait_for(lambda: committed(store) >= 1)
+        # Paused, so that it still holds the store however fast the device finishes a run.
+        first.send_signal(signal.SIGSTOP)
         second = start(inp, out, tiny_model)
         assert second.wait(timeout=60) == 1
         err = second.stderr.read()
@@ -103,7 +105,7 @@ def test_second_run_on_same_store_is_refused(tmp_path, tiny_model):
             f"Error: {store} is in use by another mlxbatch process (pid {first.pid}); "
             "wait for it to finish or stop it\n"
         )
-        # `export` reads the store while the run goes on.
+        # `export` reads the store while the run holds it.
         snapshot = tmp_path / "snapshot.jsonl"
         exported = subprocess.run(
             [sys.executable, "-m", "mlxbatch", "export", str(out), "--to", str(snapshot)],
