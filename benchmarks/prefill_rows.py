@@ -1,11 +1,12 @@
 """`python -m benchmarks.prefill_rows`: prefill time of rows after a shared prefix, by how much
-padding a batch of them may carry (`prefix.MAX_PADDING`).
+padding a batch of them may carry (`prefix.MAX_PADDING`) and how many tokens one pass takes.
 
 What it does: renders the labelling workload with mlxbatch's own path, prefills its shared
-prefix once, then times `prefix.prefill_rows` over every row for each padding limit given
-(each limit warmed up once first, since MLX compiles kernels for new shapes), and prints the
-number of batches, padded tokens and the median of `--repeat` timings. A limit of 1e9 is one
-batch padded to the longest row, as mlx-lm prefills them.
+prefix once, then times `prefix.prefill_rows` over every row for each padding limit and each
+`--tokens-per-pass` given (each setting warmed up once first, since MLX compiles kernels for
+new shapes), and prints the number of batches, padded tokens, the median of `--repeat`
+timings and the highest peak of MLX memory they added. A limit of 1e9 is one batch padded to
+the longest row, as mlx-lm prefills them.
 
 What it does not do: decode, store or export (benchmarks.timeline times a whole run).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
@@ -24,8 +26,12 @@ from benchmarks.workloads import make_workload
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefill_rows", description=__doc__)
     p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    p.add_argument("--model", help="a model directory instead of a benchmark shape")
     p.add_argument("--rows", type=int)
+    p.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
+    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
     p.add_argument("--limits", default="0.06,0.125,0.25,0.5,1e9")
+    p.add_argument("--tokens-per-pass", help="comma-separated; default: what a run would use")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
     import mlx.core as mx
@@ -36,13 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.pipeline.engine import prefix as prefix_module
 
     gpu = mx.default_device() == mx.gpu
-    model = bench_model(None, args.model_shape, gpu)
+    model = bench_model(args.model, args.model_shape, gpu)
     wl = make_workload(
         "labelling",
-        BENCH_DIR / "data",
+        args.data_dir,
         rows=args.rows,
         max_tokens=None,
         count_tokens=_token_counter(model),
+        system_tokens=args.system_tokens,
         default_rows=512 if gpu else 64,
     )
     engine = Engine(model)
@@ -54,24 +61,29 @@ def main(argv: list[str] | None = None) -> None:
     [cache] = engine.prefill_prefixes([prompts[0][:shared]])
     suffixes = [p[shared:-1] for p in prompts]
     real = sum(len(s) for s in suffixes)
-    step = engine.prefill_tokens_per_step
-    print(f"{len(prompts)} rows after a {shared}-token prefix, {real} tokens to prefill, "
-          f"up to {step} tokens a step")  # fmt: skip
-    for limit in (float(x) for x in args.limits.split(",")):
-        prefix_module.MAX_PADDING = limit
-        batches = list(prefix_module._batches([len(s) for s in suffixes], step, limit))
-        padded = sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches)
-        timings = []
-        for _ in range(args.repeat + 1):  # the first run compiles this limit's shapes
-            mx.synchronize()
-            t0 = time.perf_counter()
-            engine.prefill_rows(cache, suffixes)
-            mx.synchronize()
-            timings.append(time.perf_counter() - t0)
-            mx.clear_cache()
-        median = statistics.median(timings[1:])
-        print(f"  max padding {limit:<8g} {len(batches):>3} batches {padded / real:6.2f}x tokens "
-              f" median {median:.3f} s  (first {timings[0]:.3f} s)")  # fmt: skip
+    steps = [int(x) for x in (args.tokens_per_pass or "").split(",") if x]
+    steps = steps or [engine.prefill_tokens_per_step]
+    print(f"{len(prompts)} rows after a {shared}-token prefix, {real} tokens to prefill")
+    for step in steps:
+        for limit in (float(x) for x in args.limits.split(",")):
+            prefix_module.MAX_PADDING = limit
+            batches = list(prefix_module._batches([len(s) for s in suffixes], step, limit))
+            padded = sum(len(b) * max(len(suffixes[i]) for i in b) for b in batches)
+            timings, peak = [], 0
+            for _ in range(args.repeat + 1):  # the first run compiles this setting's shapes
+                mx.synchronize()
+                mx.reset_peak_memory()
+                held = mx.get_active_memory()
+                t0 = time.perf_counter()
+                prefix_module.prefill_rows(engine.model, cache, suffixes, tokens_per_step=step)
+                mx.synchronize()
+                timings.append(time.perf_counter() - t0)
+                peak = max(peak, mx.get_peak_memory() - held)
+                mx.clear_cache()
+            median = statistics.median(timings[1:])
+            print(f"  {step:>6} tokens a pass, max padding {limit:<8g} {len(batches):>3} batches "
+                  f"{padded / real:6.2f}x tokens  median {median:.3f} s  (first "
+                  f"{timings[0]:.3f} s)  peak +{peak / 2**20:,.1f} MiB")  # fmt: skip
 
 
 if __name__ == "__main__":

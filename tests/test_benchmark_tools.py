@@ -98,3 +98,25 @@ def test_ab_runs_variants_in_alternating_order():
     a, b = Variant.parse("a"), Variant.parse("b:x.Y=1,SOME_ENV=on,n=2")
     assert (b.constants, b.env, b.spec) == ({"x.Y": 1}, {"SOME_ENV": "on"}, {"n": 2})
     assert [v.name for v in alternating([a, b], 3)] == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_prefill_rows_reports_each_pass_size_and_padding_limit(tiny_model, tmp_path, capsys):
+    from benchmarks import prefill_rows
+
+    prefill_rows.main(
+        ["--model", tiny_model, "--rows", "6", "--system-tokens", "200", "--repeat", "1",
+         "--data-dir", str(tmp_path), "--limits", "0.125,1e9", "--tokens-per-pass", "16,4096"]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"6 rows after a \d+-token prefix, \d+ tokens to prefill", lines[0])
+    pattern = (
+        r" +(\d+) tokens a pass, max padding (\S+) +(\d+) batches +[\d.]+x tokens  median "
+        r"[\d.]+ s  \(first [\d.]+ s\)  peak \+([\d,.]+) MiB"
+    )
+    settings = [re.fullmatch(pattern, line).groups() for line in lines[1:]]  # type: ignore[union-attr]
+    assert [s[:2] for s in settings] == [
+        ("16", "0.125"), ("16", "1e+09"), ("4096", "0.125"), ("4096", "1e+09")
+    ]  # fmt: skip
+    # 16 tokens a pass holds one row a batch; 4,096 without a padding limit takes all six.
+    assert settings[0][2] == "6" and settings[3][2] == "1"
+    assert all(float(s[3].replace(",", "")) > 0 for s in settings)

@@ -27,6 +27,10 @@ from mlxbatch.pipeline.engine.errors import (
 )
 from mlxbatch.records import PrefixGroup, Result, Task
 
+# Most prompt tokens prefilled in one pass on a GPU (prefill_tokens_per_step). On an H200,
+# 16,384 made the mixed workload 1.46x slower (benchmarks.ab, 2026-12-02-h200/).
+MAX_PREFILL_TOKENS = 98304
+
 
 @dataclass
 class EngineStats:
@@ -112,7 +116,7 @@ class Engine:
         # ~300. Peak memory grew ~170 bytes per hidden unit per token, so a small memory
         # budget lowers it.
         per_token = 192 * int(self.config.get("hidden_size", 4096))
-        return max(2048, min(98304, self.memory_budget() // per_token))
+        return max(2048, min(MAX_PREFILL_TOKENS, self.memory_budget() // per_token))
 
     @property
     def kv_bytes_per_token(self) -> int:
