@@ -89,6 +89,8 @@ def run_job(spec: JobSpec) -> RunSummary:
 
 
 def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: float) -> RunSummary:
+    from mlxbatch.pipeline.engine import EngineBroken
+
     summary = RunSummary(rows=check.tasks, output=spec.output_path)
     deadline = Deadline.from_hhmm(spec.deadline) if spec.deadline else None
     known = provenance.start(spec, engine, check.kind)
@@ -135,14 +137,18 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 if summary.first_generation_after is None:
                     summary.first_generation_after = time.perf_counter() - started
                 summary.start_generating()
-                generate(
-                    todo,
-                    spec,
-                    engine,
-                    on_result=committer.add,
-                    should_stop=should_stop,
-                    on_batch_size=committer.set_batch,
-                )
+                try:
+                    generate(
+                        todo,
+                        spec,
+                        engine,
+                        on_result=committer.add,
+                        should_stop=should_stop,
+                        on_batch_size=committer.set_batch,
+                    )
+                except EngineBroken:
+                    committer.flush()  # rows finished before it are kept; a new run resumes
+                    raise
                 summary.stop_generating()
             committer.flush()
             with summary.timing("store_seconds"):

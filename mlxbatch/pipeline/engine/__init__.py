@@ -25,7 +25,7 @@ decided by the caller (pipeline/plan.py).
 - fused_attention.py  on CUDA, a decode step's attention as one kernel per layer (or two, a
                 row's keys split across blocks where rows are few and long)
 - decode_kernels.py   the CUDA source of those kernels
-- errors.py     load errors and error records
+- errors.py     load errors, error records, what a run does after a failing step
 - runtime.py    what `mlxbatch doctor` reports
 """
 
@@ -40,7 +40,11 @@ os.environ.setdefault("MLX_CUDA_GRAPH_CACHE_SIZE", "1000")
 
 from mlxbatch.pipeline.engine.attention import DECODE_ATTENTION_ENV  # noqa: E402
 from mlxbatch.pipeline.engine.batch import INJECT_OOM_ENV  # noqa: E402
-from mlxbatch.pipeline.engine.errors import ModelLoadError, UnsupportedMlxLm  # noqa: E402
+from mlxbatch.pipeline.engine.errors import (  # noqa: E402
+    EngineBroken,
+    ModelLoadError,
+    UnsupportedMlxLm,
+)
 from mlxbatch.pipeline.engine.model import Engine, EngineStats  # noqa: E402
 from mlxbatch.pipeline.engine.runtime import describe_runtime  # noqa: E402
 
@@ -48,6 +52,7 @@ __all__ = [
     "DECODE_ATTENTION_ENV",
     "INJECT_OOM_ENV",
     "Engine",
+    "EngineBroken",
     "EngineStats",
     "ModelLoadError",
     "UnsupportedMlxLm",

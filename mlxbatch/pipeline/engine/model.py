@@ -21,6 +21,7 @@ from mlxbatch.pipeline.engine.attention import batch_attention
 from mlxbatch.pipeline.engine.batch import BatchRun
 from mlxbatch.pipeline.engine.errors import (
     ModelLoadError,
+    StepFailures,
     UnsupportedMlxLm,
     error_result,
     is_oom,
@@ -169,15 +170,17 @@ class Engine:
         Each group's shared prefix is prefilled once and its KV cache handed to every row of
         the group (held once per batch where the model allows it, see cache.py).
         A failing step halves the batch and retries the unfinished tasks; at one row, the
-        row in flight becomes an error record. Returns False if `should_stop` cut it short.
+        row in flight becomes an error record and batches go back to full size
+        (errors.StepFailures, which raises EngineBroken when every row fails alike).
+        Returns False if `should_stop` cut it short.
         """
         import mlx.core as mx
 
         from mlxbatch.pipeline.engine.decode import batch_classes
 
-        size = completion_batch_size
+        failures = StepFailures(completion_batch_size)
         while groups := [g for g in groups if g.tasks]:
-            run = None
+            run, size = None, failures.size
             try:
                 with batch_classes():
                     run = BatchRun(
@@ -193,8 +196,9 @@ class Engine:
                 groups = [
                     PrefixGroup(g.prefix, [t for t in g.tasks if t.key not in done]) for g in groups
                 ]
-                if size > 1:
-                    size = max(1, size // 2)
+                if done:
+                    failures.finished()
+                if not failures.failed(e):
                     continue
                 # One row at a time runs in insertion order: the first unfinished row failed.
                 first = next(g for g in groups if g.tasks)

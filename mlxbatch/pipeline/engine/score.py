@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from mlxbatch.pipeline.engine.errors import error_result, is_oom
+from mlxbatch.pipeline.engine.errors import StepFailures, error_result, is_oom
 from mlxbatch.pipeline.engine.prefix import prefill
 from mlxbatch.records import PrefixGroup, Result, Task
 
@@ -32,6 +32,7 @@ def score_choices(
     cut it short.
     """
     eos = engine.eos_ids[0] if engine.eos_ids else None
+    failures = StepFailures(1)  # one task at a time; it raises when every task fails alike
     for group in groups:
         prefix = engine.prefill_prefixes([group.prefix])[0] if group.prefix else None
         for task in group.tasks:
@@ -44,9 +45,11 @@ def score_choices(
                 scores = _score(engine.model, task.prompt_ids, group.prefix, prefix, ends)
             except (RuntimeError, MemoryError, ValueError) as e:
                 mx.clear_cache()
+                failures.failed(e)
                 code = "out_of_memory" if is_oom(e) else "generation_error"
                 on_error(error_result(task, code, str(e)))
                 continue
+            failures.finished()
             engine.stats.prompt_tokens += len(task.prompt_ids)
             on_scores(task, scores, [len(s) for s in seqs])
     return True
