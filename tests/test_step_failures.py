@@ -126,3 +126,24 @@ def test_every_row_failing_alike_stops_the_run_and_keeps_finished_rows(
     assert again.exit_code == 0, again.output
     assert "(2 cached)" in again.stderr
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in rows]
+
+
+def test_scoring_choices_stops_too_when_every_row_fails_alike(tmp_path, tiny_model, monkeypatch):
+    from mlxbatch.pipeline.engine import score
+
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        if len(calls) > 1:  # the first row is scored, then every one fails alike
+            raise RuntimeError(KERNEL_ERROR)
+        return real(*args)
+
+    real = score._score
+    monkeypatch.setattr(score, "_score", broken)
+    f = write_jsonl(tmp_path / "r.jsonl", [{"prompt": f"item {i}"} for i in range(6)])
+    out = tmp_path / "labels.jsonl"
+    result = process(str(f), "-m", tiny_model, "--choices", "yes,no", "-o", str(out))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: generation failed for 3 rows in a row, each run")
+    assert len(calls) == 4  # one scored, three failed, none after
