@@ -4,12 +4,24 @@ what a run does after a failing step (StepFailures)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from mlxbatch.records import Result, Task
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded (missing, offline, unsupported)."""
+
+
+def load_failed(model: str, e: Exception) -> ModelLoadError:
+    """The error of a model that did not load, with a hint where it looks like a Hub name."""
+    failure = f"could not load model {model!r} ({type(e).__name__}: {e})"
+    if not Path(model).exists() and "/" in model:
+        failure += (
+            ". If this machine is offline, download it first or pass a local model directory "
+            "to --model."
+        )
+    return ModelLoadError(failure)
 
 
 class UnsupportedMlxLm(ModelLoadError):

@@ -25,6 +25,7 @@ from mlxbatch.pipeline.engine.errors import (
     UnsupportedMlxLm,
     error_result,
     is_oom,
+    load_failed,
 )
 from mlxbatch.records import PrefixGroup, Result, Task
 
@@ -82,7 +83,7 @@ class Engine:
         except ModelLoadError:
             raise
         except Exception as e:  # hub, file-system and format errors all surface here
-            raise ModelLoadError(_load_hint(model, e)) from None
+            raise load_failed(model, e) from None
         self.config = self._weights.config
         self.dtype = self._weights.dtype
         self.identity = _model_identity(model, adapter_path, self.dtype, self.config)
@@ -97,7 +98,7 @@ class Engine:
         except ModelLoadError:
             raise
         except Exception as e:
-            raise ModelLoadError(_load_hint(self.model_name, e)) from None
+            raise load_failed(self.model_name, e) from None
 
     @property
     def context_length(self) -> int | None:
@@ -292,13 +293,3 @@ def _model_identity(model: str, adapter: str | None, dtype: str, config: dict) -
             if p.is_file():
                 parts.append((p.name, hashlib.sha256(p.read_bytes()).hexdigest()))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
-
-
-def _load_hint(model: str, e: Exception) -> str:
-    name = type(e).__name__
-    if not Path(model).exists() and ("/" in model):
-        return (
-            f"could not load model {model!r} ({name}: {e}). If this machine is offline, "
-            "download it first or pass a local model directory to --model."
-        )
-    return f"could not load model {model!r} ({name}: {e})"
