@@ -4,8 +4,9 @@ mlx and mlx_lm are imported inside functions, so `--help`, `validate` and `statu
 for them. Decoding is mlx-lm's continuous batching; this package adds what a batch job needs
 around it: per-row seeded samplers whose draws do not depend on batch composition, stop
 strings, and recovery from a failing step (out of memory) by halving the batch down to single
-rows, where a row that still fails becomes an error record. Ordering and batch sizing are
-decided by the caller (pipeline/plan.py).
+rows, where a row that still fails becomes an error record (and rows failing alike, one after
+another, stop the run: errors.py). Ordering and batch sizing are decided by the caller
+(pipeline/plan.py).
 
 - model.py      Engine: load, dtype, memory budget, generate
 - load.py       the model built and its weights read on a worker thread while the caller
