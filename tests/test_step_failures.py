@@ -147,3 +147,46 @@ def test_scoring_choices_stops_too_when_every_row_fails_alike(tmp_path, tiny_mod
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: generation failed for 3 rows in a row, each run")
     assert len(calls) == 4  # one scored, three failed, none after
+
+
+def test_a_row_failing_in_its_prefill_after_a_shared_prefix_is_the_one_recorded(
+    tmp_path, tiny_model, monkeypatch
+):
+    from mlxbatch.pipeline.engine import Engine
+
+    rows = [{"id": r["id"], "text": r["prompt"]} for r in prompts(8)]
+    longest = max(len(r["text"].split()) for r in rows)
+    [bad] = [r["id"] for r in rows if len(r["text"].split()) == longest]
+    real = Engine.prefill_rows
+
+    def prefill_rows(self, prefix, suffixes):
+        # Only the longest row's own tokens reach this many (its prefill fails, as a row's own
+        # error would); it runs last, so at one row a time the row before it is in flight.
+        if max(len(s) for s in suffixes) >= threshold:
+            raise RuntimeError("bad row")
+        return real(self, prefix, suffixes)
+
+    monkeypatch.setattr(Engine, "prefill_rows", prefill_rows)
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    args = [str(f), "-m", tiny_model, "--max-tokens", "3", "--batch-size", "4", "-o", str(out),
+            "--template", "{{ text }}", "--system", "You label short texts. " * 8]  # fmt: skip
+    # The own tokens of the longest row and of the next longest, from a run that succeeds.
+    threshold = 10**9
+    lengths = []
+    monkeypatch.setattr(
+        Engine,
+        "prefill_rows",
+        lambda self, prefix, suffixes: (
+            lengths.extend(map(len, suffixes)) or real(self, prefix, suffixes)
+        ),
+    )
+    assert process(*args).exit_code == 0
+    assert len(lengths) == len(rows)  # every row went through the shared-prefix prefill
+    threshold = max(lengths)
+    assert sorted(lengths)[-2] < threshold
+    monkeypatch.setattr(Engine, "prefill_rows", prefill_rows)
+    result = process(*args, "--fresh", "--max-errors", "1")
+    assert result.exit_code == 0, result.output
+    errors = [r["id"] for r in read_jsonl(out) if r["finish_reason"] == "error"]
+    assert errors == [bad]

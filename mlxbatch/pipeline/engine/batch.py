@@ -51,8 +51,9 @@ class BatchRun:
         self.sampling = any(t.params.temperature > 0 for g in groups for t in g.tasks)
         self.queue = deque(groups)
         # Rows queued ahead of the decoder: enough to keep batches full, few enough that only a
-        # handful of prefix caches are alive at once.
-        self.ahead = 2 * completion
+        # handful of prefix caches are alive at once. One row at a time (a failing row being
+        # found) takes the next row only when it is done: a failure is then the row in flight's.
+        self.ahead = 2 * completion if completion > 1 else 1
         self.completion = completion
         self.prefixes: dict[int, list[Any]] = {}
         self.tasks: dict[int, Task] = {}
