@@ -24,6 +24,13 @@ def test_halves_the_batch_then_fails_the_row_and_goes_back_to_full_size():
     assert failures.size == 8
 
 
+def test_a_row_out_of_memory_alone_leaves_the_longer_rows_after_it_one_at_a_time():
+    failures = StepFailures(4)
+    oom = RuntimeError("[malloc] out of memory")
+    assert [failures.failed(oom) for _ in range(3)] == [False, False, True]
+    assert failures.size == 1
+
+
 def test_rows_failing_alone_with_one_error_mean_a_broken_engine():
     failures = StepFailures(1)
     e = RuntimeError(KERNEL_ERROR)

@@ -40,11 +40,12 @@ BROKEN_AFTER = 3
 class StepFailures:
     """The batch size after each failing step, and whether the row in flight fails.
 
-    A failing step halves the batch; at one row the row in flight fails (an error record)
-    and the batch goes back to full size, so one bad row does not leave the rest of the
-    window to run one row at a time. BROKEN_AFTER rows failing alone with the same error,
-    none finishing between, raise EngineBroken (out-of-memory errors never do: they depend
-    on the row).
+    A failing step halves the batch; at one row the row in flight fails (an error record).
+    The batch then goes back to full size, so one bad row does not leave the rest of the
+    window to run one row at a time; unless the row ran out of memory alone: a group's rows
+    run shortest first (plan.sort_by_length), so those after it stay one at a time.
+    BROKEN_AFTER rows failing alone with the same error, none finishing between, raise
+    EngineBroken (out-of-memory errors never do: they depend on the row).
     """
 
     def __init__(self, size: int):
@@ -60,7 +61,7 @@ class StepFailures:
         if self.size > 1:
             self.size = max(1, self.size // 2)
             return False
-        self.size = self.full
+        self.size = 1 if is_oom(e) else self.full
         message = str(e)
         if is_oom(e) or message not in self.streak[-1:]:
             self.streak = []
