@@ -1,5 +1,5 @@
-"""A failing generation step: the batch halves, a row failing alone is an error record and the
-batch goes back to full size; rows failing alike one after another stop the run, clearly."""
+"""A failing generation step: the batch halves, a row failing alone is an error record (the
+right one) and the batch goes back to full size; rows failing alike stop the run, clearly."""
 
 from __future__ import annotations
 
@@ -164,35 +164,31 @@ def test_a_row_failing_in_its_prefill_after_a_shared_prefix_is_the_one_recorded(
     rows = [{"id": r["id"], "text": r["prompt"]} for r in prompts(8)]
     longest = max(len(r["text"].split()) for r in rows)
     [bad] = [r["id"] for r in rows if len(r["text"].split()) == longest]
-    real = Engine.prefill_rows
-
-    def prefill_rows(self, prefix, suffixes):
-        # Only the longest row's own tokens reach this many (its prefill fails, as a row's own
-        # error would); it runs last, so at one row a time the row before it is in flight.
-        if max(len(s) for s in suffixes) >= threshold:
-            raise RuntimeError("bad row")
-        return real(self, prefix, suffixes)
-
-    monkeypatch.setattr(Engine, "prefill_rows", prefill_rows)
     f = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "out.jsonl"
     args = [str(f), "-m", tiny_model, "--max-tokens", "3", "--batch-size", "4", "-o", str(out),
             "--template", "{{ text }}", "--system", "You label short texts. " * 8]  # fmt: skip
-    # The own tokens of the longest row and of the next longest, from a run that succeeds.
-    threshold = 10**9
-    lengths = []
-    monkeypatch.setattr(
-        Engine,
-        "prefill_rows",
-        lambda self, prefix, suffixes: (
-            lengths.extend(map(len, suffixes)) or real(self, prefix, suffixes)
-        ),
-    )
+    real = Engine.prefill_rows
+    lengths: list[int] = []  # each row's own tokens after the shared system prompt
+
+    def recorded(self, prefix, suffixes):
+        lengths.extend(map(len, suffixes))
+        return real(self, prefix, suffixes)
+
+    monkeypatch.setattr(Engine, "prefill_rows", recorded)
     assert process(*args).exit_code == 0
     assert len(lengths) == len(rows)  # every row went through the shared-prefix prefill
     threshold = max(lengths)
-    assert sorted(lengths)[-2] < threshold
-    monkeypatch.setattr(Engine, "prefill_rows", prefill_rows)
+    assert sorted(lengths)[-2] < threshold  # only the longest row reaches it
+
+    def failing(self, prefix, suffixes):
+        # The longest row's prefill fails, as a row's own error would. It runs last, so at one
+        # row a time the row before it is in flight.
+        if max(len(s) for s in suffixes) >= threshold:
+            raise RuntimeError("bad row")
+        return real(self, prefix, suffixes)
+
+    monkeypatch.setattr(Engine, "prefill_rows", failing)
     result = process(*args, "--fresh", "--max-errors", "1")
     assert result.exit_code == 0, result.output
     errors = [r["id"] for r in read_jsonl(out) if r["finish_reason"] == "error"]
