@@ -171,8 +171,8 @@ class Engine:
         Each group's shared prefix is prefilled once and its KV cache handed to every row of
         the group (held once per batch where the model allows it, see cache.py).
         A failing step halves the batch and retries the unfinished tasks; at one row, the
-        row in flight becomes an error record and batches go back to full size
-        (errors.StepFailures, which raises EngineBroken when every row fails alike).
+        row in flight becomes an error record (errors.StepFailures sets the batch size after
+        it, and raises EngineBroken when every row fails alike).
         Returns False if `should_stop` cut it short.
         """
         import mlx.core as mx
