@@ -61,11 +61,11 @@ class StepFailures:
         if self.size > 1:
             self.size = max(1, self.size // 2)
             return False
-        self.size = 1 if is_oom(e) else self.full
-        message = str(e)
-        if is_oom(e) or message not in self.streak[-1:]:
+        oom, message = is_oom(e), str(e)
+        self.size = 1 if oom else self.full
+        if oom or message not in self.streak[-1:]:
             self.streak = []
-        if not is_oom(e):
+        if not oom:
             self.streak.append(message)
         if len(self.streak) >= BROKEN_AFTER:
             first_line = message.strip().splitlines()[0] if message.strip() else type(e).__name__
