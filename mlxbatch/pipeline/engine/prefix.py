@@ -25,6 +25,9 @@ PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's promp
 # limits 0.5 / 0.25 / 0.125 gave 0.26-0.27 / 0.25-0.26 / 0.22-0.26 s (2 / 3 / 5 batches, three
 # runs each). When every pass waited for the last, 0.06 cost 11 batches and 0.51 s.
 MAX_PADDING = 0.125
+# Tokens of one pass over rows after a shared prefix, below the engine's cap for any prefill
+# (Engine.prefill_tokens_per_step).
+ROWS_TOKENS_PER_PASS = 98304
 
 
 def prefill(model: Any, ids: Any, cache: list[Any], *, wait: bool = True) -> None:
@@ -99,6 +102,7 @@ def prefill_rows(
     from mlxbatch.pipeline.engine.attention import batch_attention
 
     lengths = [len(s) for s in suffixes]
+    tokens_per_step = min(tokens_per_step, ROWS_TOKENS_PER_PASS)
     parts: list[tuple[list[int], list[Any]]] = []
     # A prefix held once is added back by batch_attention's attention (cache.py).
     with batch_attention(model):
