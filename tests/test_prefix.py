@@ -84,6 +84,27 @@ def test_rows_prefilled_in_length_batches_generate_the_tokens_of_whole_prompts(m
     assert ours == theirs
 
 
+def test_a_pass_over_rows_after_a_prefix_stays_within_its_own_cap(model, monkeypatch):
+    """The engine's prefill budget may be larger; ROWS_TOKENS_PER_PASS still cuts the passes."""
+    suffixes = [[20 + i, 30 + i, 40 + i, 50 + i, 60 + i, 70 + i] for i in range(5)]
+    theirs = _generate(model, [PREFIX + s for s in suffixes])
+    passes = []
+    real = prefix_module._prefill_padded
+
+    def spy(model, layers, rows, **kw):
+        passes.append(sum(len(r) for r in rows))
+        real(model, layers, rows, **kw)
+
+    monkeypatch.setattr(prefix_module, "_prefill_padded", spy)
+    monkeypatch.setattr(prefix_module, "ROWS_TOKENS_PER_PASS", 12)
+    prefix = _prefilled(model, PREFIX, share_prefix=True)
+    # Rows of one length, so no pass closes for padding: 5 rows of 5 tokens, 2 rows a pass.
+    rows = prefill_rows(model, prefix, [s[:-1] for s in suffixes], tokens_per_step=1000)
+    assert passes == [10, 10, 5]
+    ours = _generate(model, [s[-1:] for s in suffixes], caches=rows, prefill=len(rows))
+    assert ours == theirs
+
+
 @pytest.mark.parametrize("wait", [True, False])
 def test_prefill_queues_each_step_before_waiting_for_the_one_ahead(model, monkeypatch, wait):
     steps: dict[int, int] = {}

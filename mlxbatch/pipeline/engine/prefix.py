@@ -26,8 +26,10 @@ PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's promp
 # runs each). When every pass waited for the last, 0.06 cost 11 batches and 0.51 s.
 MAX_PADDING = 0.125
 # Tokens of one pass over rows after a shared prefix, below the engine's cap for any prefill
-# (Engine.prefill_tokens_per_step).
-ROWS_TOKENS_PER_PASS = 98304
+# (Engine.prefill_tokens_per_step): peak memory follows the largest pass. On an H200 (512
+# labelling rows) 16k against 98k: 8.9-12.5 against 16.4 GiB and 0.70-0.73 against 0.78-0.79 s,
+# alternating processes; mixed and synthetic runs the same (benchmarks/results/2026-12-02b-h200).
+ROWS_TOKENS_PER_PASS = 16384
 
 
 def prefill(model: Any, ids: Any, cache: list[Any], *, wait: bool = True) -> None:
