@@ -25,6 +25,7 @@ import functools
 import gc
 import importlib
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,14 +120,17 @@ def timed_stages(peaks: StagePeaks | None, sync: bool = True) -> Iterator[dict[s
         original = getattr(owner, name)
 
         def wrapper(*args: Any, __f: Any = original, __label: str = label, **kw: Any) -> Any:
-            main = peaks is not None and "(worker)" not in __label
+            # Windows are rendered on a worker thread of their own (jobs/windows.read_ahead),
+            # which has no MLX stream to synchronize; the loader's threads have theirs.
+            on_main = threading.current_thread() is threading.main_thread()
+            main = peaks is not None and on_main and "(worker)" not in __label
             if main:
                 peaks.enter(__label)
             t0 = time.perf_counter()
             try:
                 return __f(*args, **kw)
             finally:
-                if sync:
+                if sync and (on_main or "(worker)" in __label):
                     mx.synchronize()
                 t1, total = time.perf_counter(), totals[__label]
                 if not total[0]:

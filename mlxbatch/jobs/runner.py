@@ -28,7 +28,7 @@ from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.jobs.summary import Committer, RunSummary, peak_rss, run_stats
-from mlxbatch.jobs.windows import completed_renders, task_windows
+from mlxbatch.jobs.windows import completed_renders, read_ahead, task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import OPENAI, Result
@@ -128,8 +128,9 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     committer = Committer(store, summary, progress, checkpoint)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
+    windows = read_ahead(task_windows(spec, check.kind, engine, store.path))
     try:
-        for tasks in task_windows(spec, check.kind, engine, store):
+        for tasks in windows:
             with summary.timing("store_seconds"):
                 store.add_manifest(tasks)
             todo = _pending(tasks, store, committer, summary, engine.context_length)
@@ -176,6 +177,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
             store.end_run(run_id, "failed", run_stats(summary))
         raise
     finally:
+        windows.close()  # waits for a window being prepared ahead
         if pool is not None:
             pool.close()
         progress.close()
