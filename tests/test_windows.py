@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mlxbatch.jobs import windows as windows_module
-from mlxbatch.jobs.windows import read_ahead
+from mlxbatch.jobs.windows import ReadAhead
 from tests.conftest import write_jsonl
 from tests.test_cli_process import generated_count, process, prompts
 
@@ -26,16 +26,19 @@ def test_the_next_item_is_made_while_the_caller_holds_the_one_before():
             yield i
 
     got = []
-    for item in read_ahead(items()):
+    reader = ReadAhead(items())
+    for item in reader:
+        reader.prepare_next()
         if item == 0:
             # Without reading ahead, item 1 is made only when this loop asks for it.
             assert second_made.wait(timeout=10)
         got.append(item)
+    reader.close()
     assert got == [0, 1, 2]
     assert len(set(made_on)) == 1 and made_on[0] != threading.current_thread().name
 
 
-def test_no_more_than_two_items_are_alive_at_once():
+def test_only_asked_for_and_never_more_than_two_items_alive():
     log = []
 
     def items():
@@ -43,13 +46,17 @@ def test_no_more_than_two_items_are_alive_at_once():
             log.append(f"make {i}")
             yield i
 
-    reader = read_ahead(items())
+    reader = ReadAhead(items())
     assert next(reader) == 0
     time.sleep(0.2)  # time for the worker to run on, were it not held back
+    assert log == ["make 0"]
+    reader.prepare_next()
+    reader.prepare_next()
+    time.sleep(0.2)
     assert log == ["make 0", "make 1"]
     assert next(reader) == 1
     reader.close()
-    assert log == ["make 0", "make 1", "make 2"]
+    assert log == ["make 0", "make 1"]
 
 
 def test_an_error_making_an_item_is_raised_to_the_caller_in_order():
@@ -59,13 +66,16 @@ def test_an_error_making_an_item_is_raised_to_the_caller_in_order():
         raise ValueError("row 3 unreadable")
 
     got = []
+    reader = ReadAhead(items())
     with pytest.raises(ValueError, match="row 3 unreadable"):
-        for item in read_ahead(items()):
+        for item in reader:
+            reader.prepare_next()
             got.append(item)
+    reader.close()
     assert got == [0, 1]
 
 
-def test_leaving_early_closes_the_items_on_the_thread_that_made_them():
+def test_closing_early_closes_the_items_on_the_thread_that_made_them():
     closed_on = []
 
     def items():
@@ -74,9 +84,12 @@ def test_leaving_early_closes_the_items_on_the_thread_that_made_them():
         finally:
             closed_on.append(threading.current_thread().name)
 
-    for item in read_ahead(items()):
+    reader = ReadAhead(items())
+    for item in reader:
+        reader.prepare_next()
         if item == 2:
             break
+    reader.close()  # with item 3 being made: a generator cannot be closed while it runs
     assert closed_on and closed_on[0].startswith("mlxbatch-windows")
 
 
@@ -104,15 +117,26 @@ def test_a_grown_input_in_many_windows_renders_only_its_new_rows(tmp_path, tiny_
         return render_tasks(requests, *args, known_keys=known_keys, **kwargs)
 
     monkeypatch.setattr(windows_module, "render_tasks", counting)
+    ahead = []
+    prepare_next = windows_module.ReadAhead.prepare_next
+
+    def counting_ahead(self):
+        ahead.append(1)
+        prepare_next(self)
+
+    monkeypatch.setattr(windows_module.ReadAhead, "prepare_next", counting_ahead)
     f = write_jsonl(tmp_path / "p.jsonl", prompts(7))
     args = ["-m", tiny_model, "--max-tokens", "3", "--window", "3"]
     assert process(str(f), *args).exit_code == 0
-    assert rendered == [3, 3, 1]
+    assert rendered == [3, 3, 1] and len(ahead) == 3
     first = (tmp_path / "p.out.jsonl").read_bytes()
     rendered.clear()
+    ahead.clear()
     write_jsonl(f, prompts(7) + prompts(4, start=7))
     grown = process(str(f), *args)
     assert generated_count(grown.stderr) == (11, 7)
     # Windows of 3: rows 1-3 and 4-6 were recorded done; row 7 was too, beside rows 8-9.
     assert rendered == [0, 0, 2, 2]
+    # Read ahead only while generating: from the window with new rows on.
+    assert len(ahead) == 2
     assert (tmp_path / "p.out.jsonl").read_bytes().startswith(first)

@@ -28,7 +28,7 @@ from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.jobs.summary import Committer, RunSummary, peak_rss, run_stats
-from mlxbatch.jobs.windows import completed_renders, read_ahead, task_windows
+from mlxbatch.jobs.windows import ReadAhead, completed_renders, task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import OPENAI, Result
@@ -128,7 +128,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     committer = Committer(store, summary, progress, checkpoint)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
-    windows = read_ahead(task_windows(spec, check.kind, engine, store.path))
+    windows = ReadAhead(task_windows(spec, check.kind, engine, store.path))
     try:
         for tasks in windows:
             with summary.timing("store_seconds"):
@@ -138,6 +138,7 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
                 if summary.first_generation_after is None:
                     summary.first_generation_after = time.perf_counter() - started
                 summary.start_generating()
+                windows.prepare_next()
                 try:
                     generate(
                         todo,

@@ -6,17 +6,18 @@ not rendered or tokenized again, and one lookup per row tells: a resumed or nigh
 a large file then spends its time before generating on reading the file, not on re-rendering
 what is done. It does not decide what to generate (runner.py does) and loads no model.
 
-`read_ahead` prepares the next window on a worker thread while the caller generates the
-current one: MLX releases the GIL while it waits for the device, and reading, validating,
-rendering and tokenizing a window of 10,000 labelling rows takes ~1.5 s of host time.
+`ReadAhead` prepares the next window on a worker thread while the caller generates the
+current one: MLX lets go of Python's lock while it waits for the device, and reading,
+validating, rendering and tokenizing a window of 10,000 labelling rows takes ~1.5 s of host
+time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mlxbatch.jobs.inputs import iter_requests
 from mlxbatch.jobs.spec import JobSpec
@@ -25,7 +26,7 @@ from mlxbatch.pipeline.render import render_identity, render_tasks, request_dige
 from mlxbatch.records import Request, Task
 
 T = TypeVar("T")
-READ_AHEAD = True  # prepare the next window while the current one generates
+READ_AHEAD = True  # prepare the next window while the current one generates (ReadAhead)
 
 
 def task_windows(
@@ -65,26 +66,43 @@ def task_windows(
             store.close()
 
 
-def read_ahead(items: Iterator[T]) -> Generator[T, None, None]:
-    """`items`, each made on a worker thread while the caller handles the one before it.
+class ReadAhead(Generic[T]):
+    """The items of `items`, each made on one worker thread; `prepare_next` has the worker
+    start on the next while the caller works on the current one.
 
-    At most two items are alive at once. Every step of `items`, closing included, runs on
-    that one thread (a SQLite connection stays in the thread that opened it); an exception
-    it raises is raised here. Leaving early waits for the item being made.
+    Only on request: a resumed run's windows that are all done need little of the caller, and
+    two threads then only fight over Python's lock (a 200,000-row resume started generating
+    6.0 s in sequentially, 7.0 s reading ahead, 2 cores). At most two items are alive at once.
+    Every step of `items`, closing included, runs on the worker (a SQLite connection stays in
+    the thread that opened it); what it raises is raised by `next`.
     """
-    if not READ_AHEAD:
-        yield from items
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="mlxbatch-windows") as worker:
-        try:
-            upcoming = worker.submit(_take_one, items)
-            while item := upcoming.result():
-                upcoming = worker.submit(_take_one, items)
-                yield item[0]
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                worker.submit(close).result()
+
+    def __init__(self, items: Iterator[T]):
+        self._items = items
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mlxbatch-windows")
+        self._upcoming: Future[list[T]] | None = None
+
+    def __iter__(self) -> ReadAhead[T]:
+        return self
+
+    def __next__(self) -> T:
+        upcoming = self._upcoming or self._worker.submit(_take_one, self._items)
+        self._upcoming = None
+        item = upcoming.result()
+        if not item:
+            raise StopIteration
+        return item[0]
+
+    def prepare_next(self) -> None:
+        if READ_AHEAD and self._upcoming is None:
+            self._upcoming = self._worker.submit(_take_one, self._items)
+
+    def close(self) -> None:
+        """Close `items` once the item being made, if any, is done."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            self._worker.submit(close).result()
+        self._worker.shutdown()
 
 
 def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
