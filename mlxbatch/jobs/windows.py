@@ -7,9 +7,9 @@ a large file then spends its time before generating on reading the file, not on 
 what is done. It does not decide what to generate (runner.py does) and loads no model.
 
 `ReadAhead` prepares the next window on a worker thread while the caller generates the
-current one: MLX lets go of Python's lock while it waits for the device, and reading,
-validating, rendering and tokenizing a window of 10,000 labelling rows takes ~1.5 s of host
-time.
+current one: MLX lets go of Python's lock while it waits for the device, and rendering and
+tokenizing 512 labelling rows took 0.066 s on an H200's host (~1.3 s a window of 10,000)
+while the device waited.
 """
 
 from __future__ import annotations
@@ -105,6 +105,11 @@ class ReadAhead(Generic[T]):
         self._worker.shutdown()
 
 
+def _take_one(items: Iterator[T]) -> list[T]:
+    """The next item, in a list; empty at the end."""
+    return list(islice(items, 1))
+
+
 def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
     while window := list(islice(requests, size)):
         yield window
@@ -122,8 +127,3 @@ def completed_renders(tasks: list[Task], store: Store) -> list[tuple[bytes, list
     keys = {d: [by_index[i] for i in range(len(by_index))] for d, by_index in samples.items()}
     done = store.done_keys(k for ks in keys.values() for k in ks)
     return [(d, ks) for d, ks in keys.items() if done.issuperset(ks)]
-
-
-def _take_one(items: Iterator[T]) -> list[T]:
-    """The next item, in a list; empty at the end."""
-    return list(islice(items, 1))
