@@ -251,9 +251,9 @@ def test_disk_full_writing_parquet_keeps_the_old_file(tmp_path, tiny_model):
     assert invoke(args).exit_code == 0
     previous = out.read_bytes()
     write_jsonl(inp, ROWS[:9])
-    # begin_run, clear_manifest, add_manifest, put_rendered, put_results (4 new rows), end_run:
-    # then Parquet.
-    first_parquet_write = 7
+    # begin_run, set_meta (the input check), clear_manifest (the input grew), add_manifest,
+    # put_rendered, put_results (4 new rows), end_run: then Parquet.
+    first_parquet_write = 8
     result = invoke(args, env={"MLXBATCH_FAULT": f"enospc:{first_parquet_write}"})
     assert result.exit_code == 1
     assert result.stderr == f"Error: {out}: No space left on device; {DISK_FULL_HINT}\n"

@@ -8,7 +8,7 @@ schema), checks templates and constraints, and raises InputProblems listing ever
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mlxbatch.jobs.spec import JobSpec, read_schema_file
@@ -98,6 +98,10 @@ def check_output_path(path: str) -> None:
         raise InputProblems([Problem(path, None, f"output directory {directory} does not exist")])
 
 
-def iter_requests(spec: JobSpec, kind: str) -> Iterator[Request]:
-    """The validated requests, streamed again (check_inputs has already passed)."""
-    return validate_rows(read_rows(spec.input), _validation_context(spec, kind), checked=True)
+def iter_requests(
+    spec: JobSpec, kind: str, skip: Callable[[int], bool] | None = None
+) -> Iterator[Request]:
+    """The validated requests, streamed again (check_inputs has already passed), but those on
+    lines that `skip` is true for."""
+    rows = read_rows(spec.input, skip)
+    return validate_rows(rows, _validation_context(spec, kind), checked=True)

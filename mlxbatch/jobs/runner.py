@@ -1,11 +1,13 @@
 """run_job(spec): read -> validate -> render -> plan -> generate -> store -> export, in one place.
 
-The input is checked in full before the model loads (`check_inputs`), then streamed a window
-of rows at a time: rendered to keyed tasks, filtered against the store (only keys without a
-result are generated), sorted by length, generated, and committed one batch per transaction.
-SIGINT/SIGTERM, and a `--deadline` reached, stop generation at the next step; finished work
-is committed and exported. Each run's provenance goes into the store and `<output>.manifest.json`;
-on macOS a power assertion (jobs/power.py) keeps the machine awake while the model loads and runs.
+The input is checked in full before the model loads (`check_inputs`; a resume of an unchanged
+input reuses the check its store recorded and does not read its done rows again, resume.py),
+then streamed a window of rows at a time: rendered to keyed tasks, filtered against the store
+(only keys without a result are generated), sorted by length, generated, and committed one
+batch per transaction. SIGINT/SIGTERM, and a `--deadline` reached, stop generation at the next
+step; finished work is committed and exported. Each run's provenance goes into the store and
+`<output>.manifest.json`; on macOS a power assertion (jobs/power.py) keeps the machine awake
+while the model loads and runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from mlxbatch.jobs import provenance
+from mlxbatch.jobs import provenance, resume
 from mlxbatch.jobs.collector import young_collections_only
 from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
@@ -28,7 +30,7 @@ from mlxbatch.jobs.ray_executor import RayPool
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.jobs.summary import Committer, RunSummary, peak_rss, run_stats
-from mlxbatch.jobs.windows import ReadAhead, completed_renders, task_windows
+from mlxbatch.jobs.windows import ReadAhead, completed_renders, render_options, task_windows
 from mlxbatch.pipeline import plan
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import OPENAI, Result
@@ -69,7 +71,8 @@ def run_job(spec: JobSpec) -> RunSummary:
     from mlxbatch.pipeline.engine import Engine
 
     started = time.perf_counter()
-    check = check_inputs(spec)
+    fingerprint = resume.input_fingerprint(spec)
+    check = resume.recorded_check(spec, fingerprint) or check_inputs(spec)
     check_output_path(spec.output_path)
     store = open_store(spec)
     try:
@@ -83,13 +86,21 @@ def run_job(spec: JobSpec) -> RunSummary:
                 quantize=spec.quantize,
                 trust_remote_code=spec.trust_remote_code,
             )
-            return _run(spec, check, store, engine, started)
+            return _run(spec, check, fingerprint, store, engine, started)
     finally:
         store.close()
 
 
-def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: float) -> RunSummary:
+def _run(
+    spec: JobSpec,
+    check: InputCheck,
+    fingerprint: str | None,
+    store: Store,
+    engine: Any,
+    started: float,
+) -> RunSummary:
     from mlxbatch.pipeline.engine import EngineBroken
+    from mlxbatch.pipeline.render import render_identity
 
     summary = RunSummary(rows=check.tasks, output=spec.output_path)
     deadline = Deadline.from_hhmm(spec.deadline) if spec.deadline else None
@@ -102,9 +113,13 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
         kind=check.kind,
         spec=spec.to_dict(),
     )
+    resume.record_check(store, check, fingerprint)
     if spec.fresh:
         store.clear_results()
-    store.clear_manifest()
+    identity = render_identity(engine.tokenizer, **render_options(spec, engine))
+    start = resume.resume_point(
+        store, resume.manifest_fingerprint(fingerprint, identity), spec.fresh
+    )
     stopping: list[int] = []
     late: list[bool] = []  # set when generation was cut short by the deadline
     last_export = [time.monotonic()]
@@ -126,9 +141,12 @@ def _run(spec: JobSpec, check: InputCheck, store: Store, engine: Any, started: f
     }
     progress = _progress(spec, check.tasks)
     committer = Committer(store, summary, progress, checkpoint)
+    if start is not None:  # done rows of an unchanged input, not read again
+        summary.cached += start.done_tasks
+        progress.update(start.done_tasks)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
-    windows = ReadAhead(task_windows(spec, check.kind, engine, store.path))
+    windows = ReadAhead(task_windows(spec, check.kind, engine, store.path, start))
     try:
         for tasks in windows:
             with summary.timing("store_seconds"):

@@ -6,6 +6,8 @@
 - `rendered`: a request's digest (pipeline/render.request_digest) -> its task keys, written
   once all of them have results, so a resumed or nightly run skips rows already done without
   rendering them again.
+- `meta`: the last input check's result and what the manifest was written for, under their
+  fingerprints (jobs/resume.py), so a resume of an unchanged input skips what is done.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 How the file is opened, locked and written durably, and how SQLite's errors are named, is in
@@ -137,10 +139,31 @@ class Store:
 
     # -- manifest ----------------------------------------------------------------------------
 
-    def clear_manifest(self) -> None:
+    def restart_manifest(self, fingerprint: str | None) -> None:
+        """Empty the manifest for a run to write it again, under `fingerprint` (resume.py)."""
         with self._sqlite_errors():
             self._write_fault("clear_manifest")
-            self.db.execute("DELETE FROM manifest")
+            with self._transaction():
+                self.db.execute("DELETE FROM manifest")
+                self.db.execute("DELETE FROM meta WHERE name = 'manifest'")
+                if fingerprint is not None:
+                    self.db.execute("INSERT INTO meta VALUES ('manifest', ?)", (fingerprint,))
+
+    def manifest_requests_to_redo(self) -> list[tuple[int, int, int]]:
+        """(line, first seq, n) of each manifest request with a sample lacking a successful
+        result, in line order."""
+        with self._sqlite_errors():
+            return self.db.execute(
+                "SELECT m.line, MIN(m.seq - m.sample_index), MAX(m.n) FROM manifest m "
+                "WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.key = m.key "
+                "AND r.finish_reason != 'error') GROUP BY m.line ORDER BY m.line"
+            ).fetchall()
+
+    def manifest_extent(self) -> tuple[int, int]:
+        """(last line, seq after the last) of the manifest; (0, 0) when it is empty."""
+        with self._sqlite_errors():
+            line, seq = self.db.execute("SELECT MAX(line), MAX(seq) FROM manifest").fetchone()
+        return (line, seq + 1) if seq is not None else (0, 0)
 
     def add_manifest(self, tasks: list[Task]) -> None:
         rows = [
@@ -199,6 +222,18 @@ class Store:
                 "SELECT COUNT(*), SUM(key IN (SELECT key FROM manifest)) FROM results"
             ).fetchone()
         return {"current": current or 0, "other": total - (current or 0)}
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def meta(self, name: str) -> str | None:
+        with self._sqlite_errors():
+            row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._sqlite_errors():
+            self._write_fault("set_meta")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from itertools import islice
 from typing import Any, Generic, TypeVar
 
 from mlxbatch.jobs.inputs import iter_requests
+from mlxbatch.jobs.resume import ResumePoint
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store
 from mlxbatch.pipeline.render import render_identity, render_tasks, request_digest
@@ -29,38 +30,52 @@ T = TypeVar("T")
 READ_AHEAD = True  # prepare the next window while the current one generates (ReadAhead)
 
 
-def task_windows(
-    spec: JobSpec, kind: str, engine: Any, store_path: str | None = None
-) -> Iterator[list[Task]]:
-    """The input's keyed tasks, a window of rows at a time, numbered in output order.
-
-    With `store_path`, rows recorded there as done are not rendered again; the store is read
-    through a read-only connection of its own, so the windows may be made on another thread.
-    """
-    options: dict[str, Any] = dict(
+def render_options(spec: JobSpec, engine: Any) -> dict[str, Any]:
+    """What rendering a request to token ids depends on besides the request."""
+    return dict(
         model_identity=engine.identity,
         template=spec.template,
         system=spec.system,
         use_chat_template=spec.chat_template,
     )
+
+
+def task_windows(
+    spec: JobSpec,
+    kind: str,
+    engine: Any,
+    store_path: str | None = None,
+    resume: ResumePoint | None = None,
+) -> Iterator[list[Task]]:
+    """The input's keyed tasks, a window of rows at a time, numbered in output order.
+
+    With `store_path`, rows recorded there as done are not rendered again; the store is read
+    through a read-only connection of its own, so the windows may be made on another thread.
+    With `resume`, the rows it says are done are not read at all and the rest keep their
+    numbers.
+    """
+    options = render_options(spec, engine)
     identity = render_identity(engine.tokenizer, **options) if store_path is not None else b""
     # The run's own connection holds the store in WAL mode, so this one reads what it commits.
     store = Store(store_path, create=False, read_only=True) if store_path is not None else None
-    seq = 0
+    requests = iter_requests(spec, kind, resume.skip if resume is not None else None)
+    seq = resume.next_seq if resume is not None else 0
     try:
-        for window in _windows(iter_requests(spec, kind), spec.window):
+        for window in _windows(requests, spec.window):
+            seqs = []
+            for r in window:
+                kept = resume.redo.get(r.line) if resume is not None else None
+                seqs.append(seq if kept is None else kept)
+                seq += r.params.n if kept is None else 0
             digests: list[bytes | None] = [None] * len(window)
             known: dict[int, list[str]] = {}
             if store is not None:
                 digests = [request_digest(r, identity) if r.error is None else None for r in window]
                 recorded = store.rendered_keys([d for d in digests if d is not None])
                 known = {i: recorded[d] for i, d in enumerate(digests) if d in recorded}
-            tasks = render_tasks(
-                window, engine.tokenizer, first_seq=seq, known_keys=known, digests=digests,
-                **options,
-            )  # fmt: skip
-            seq += len(tasks)
-            yield tasks
+            yield render_tasks(
+                window, engine.tokenizer, seqs=seqs, known_keys=known, digests=digests, **options
+            )
     finally:
         if store is not None:
             store.close()

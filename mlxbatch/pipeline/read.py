@@ -16,7 +16,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from mlxbatch.records import InputProblems, Problem, SourceRow
@@ -43,12 +43,13 @@ def check_readable(path: str) -> Problem | None:
     return None
 
 
-def read_rows(path: str) -> Iterator[SourceRow]:
-    """Yield every row of `path` in file order."""
+def read_rows(path: str, skip: Callable[[int], bool] | None = None) -> Iterator[SourceRow]:
+    """Yield every row of `path` in file order, but those whose line (row) number `skip`
+    is true for: they are not parsed at all (a resumed run's done rows)."""
     if input_format(path) == "parquet":
-        yield from _read_parquet(path)
+        yield from _read_parquet(path, skip)
     else:
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, skip)
 
 
 def _open_binary(path: str) -> IO[bytes]:
@@ -57,11 +58,13 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _read_jsonl(path: str) -> Iterator[SourceRow]:
+def _read_jsonl(path: str, skip: Callable[[int], bool] | None) -> Iterator[SourceRow]:
     number = 0
     try:
         with _open_binary(path) as f:
             for number, raw in enumerate(f, start=1):
+                if skip is not None and skip(number):
+                    continue
                 if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     yield SourceRow(number, error="file starts with a UTF-8 byte order mark (BOM)")
                     continue
@@ -146,7 +149,7 @@ def _parse_line(number: int, raw: bytes) -> SourceRow:
     return SourceRow(number, data=data)
 
 
-def _read_parquet(path: str) -> Iterator[SourceRow]:
+def _read_parquet(path: str, skip: Callable[[int], bool] | None) -> Iterator[SourceRow]:
     import pyarrow.parquet as pq
 
     try:
@@ -157,9 +160,13 @@ def _read_parquet(path: str) -> Iterator[SourceRow]:
     number = 0
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                number += 1
-                yield SourceRow(number, data=row)
+            first, size = number + 1, batch.num_rows
+            kept = [i for i in range(size) if skip is None or not skip(first + i)]
+            if len(kept) < size:  # (take cannot take an empty list)
+                batch = batch.take(kept) if kept else batch.slice(0, 0)
+            for i, row in zip(kept, batch.to_pylist(), strict=True):
+                yield SourceRow(first + i, data=row)
+            number = first + size - 1
     except Exception as e:  # a damaged page or column chunk, found while reading it
         yield SourceRow(number + 1, error=_parquet_error(e))
 

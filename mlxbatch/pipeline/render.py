@@ -186,10 +186,12 @@ def render_tasks(
     system: str | None,
     use_chat_template: bool,
     first_seq: int = 0,
+    seqs: list[int] | None = None,
     known_keys: dict[int, list[str]] | None = None,
     digests: list[bytes | None] | None = None,
 ) -> list[Task]:
-    """One Task per request and sample, numbered from `first_seq` in output order.
+    """One Task per request and sample, numbered from `first_seq` in output order, or from
+    each request's own first number in `seqs` (a resumed run's rows keep theirs).
 
     `known_keys` maps a request's index to its tasks' keys, found earlier and already done:
     such a request is not rendered again, and its tasks carry no prompt ids. `digests`, the
@@ -228,6 +230,8 @@ def render_tasks(
     seq = first_seq
     for i, (request, error, prompt_ids) in enumerate(zip(requests, errors, ids, strict=True)):
         done = known.get(i)
+        if seqs is not None:
+            seq = seqs[i]
         for sample in range(request.params.n):
             key = done[sample] if done is not None else keys.key(prompt_ids, request.params, sample)
             if error is not None:

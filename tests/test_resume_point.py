@@ -1,0 +1,190 @@
+"""A resume of an unchanged input skips its check and never parses the rows that are done
+(jobs/resume.py); any change to the input or to what its rows mean brings both back."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlxbatch.jobs import inputs, resume, runner
+from mlxbatch.jobs.spec import JobSpec
+from mlxbatch.pipeline import read
+from tests.conftest import write_jsonl
+from tests.test_cli_process import generated_count, process, prompts
+from tests.test_faults import run_killed
+
+ARGS = ["--max-tokens", "3", "--batch-size", "2", "--window", "4"]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Lines parsed from JSONL and input checks run, while the test runs."""
+    seen: dict[str, list] = {"parsed": [], "checks": []}
+    parse_line, check_inputs = read._parse_line, runner.check_inputs
+
+    def parsing(number, raw):
+        seen["parsed"].append(number)
+        return parse_line(number, raw)
+
+    def checking(spec):
+        seen["checks"].append(spec.input)
+        return check_inputs(spec)
+
+    monkeypatch.setattr(read, "_parse_line", parsing)
+    monkeypatch.setattr(runner, "check_inputs", checking)
+    return seen
+
+
+def lines_lacking_results(store: Path) -> list[int]:
+    with sqlite3.connect(store) as db:
+        rows = db.execute(
+            "SELECT DISTINCT m.line FROM manifest m LEFT JOIN results r ON r.key = m.key "
+            "WHERE r.key IS NULL ORDER BY m.line"
+        ).fetchall()
+    return [line for (line,) in rows]
+
+
+def manifest_lines(store: Path) -> int:
+    with sqlite3.connect(store) as db:
+        return db.execute("SELECT MAX(line) FROM manifest").fetchone()[0]
+
+
+def crash_then_resume(tmp_path, model, rows, counted, *extra) -> tuple[Path, list[int]]:
+    """Kill a run after its third batch is committed; resume it in this process.
+
+    Returns the output and the lines the crashed run left to do (manifest lines lacking a
+    result, then the lines it never reached)."""
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "p.out.jsonl"
+    args = [str(f), "-o", str(out), "-m", model, *ARGS, *extra, "-q"]
+    run_killed(["process", *args], "before_commit:4")
+    store = Path(f"{out}.mlxbatch.sqlite")
+    todo = lines_lacking_results(store) + list(range(manifest_lines(store) + 1, len(rows) + 1))
+    counted["parsed"].clear()
+    resumed = process(*args)
+    assert resumed.exit_code == 0, resumed.output
+    return out, todo
+
+
+def reference(tmp_path, model, rows, *extra) -> bytes:
+    f = write_jsonl(tmp_path / "ref.jsonl", rows)
+    result = process(str(f), "-m", model, *ARGS, *extra, "-q")
+    assert result.exit_code == 0, result.output
+    return (tmp_path / "ref.out.jsonl").read_bytes()
+
+
+def test_a_resume_parses_only_the_rows_left_to_do_and_checks_nothing(tmp_path, tiny_model, counted):
+    rows = prompts(14)
+    expected = reference(tmp_path, tiny_model, rows)
+    counted["checks"].clear()
+    out, todo = crash_then_resume(tmp_path, tiny_model, rows, counted)
+    assert 0 < len(todo) < len(rows) - 4
+    assert sorted(set(counted["parsed"])) == todo
+    assert counted["checks"] == []  # the killed run (a subprocess) recorded its check
+    assert out.read_bytes() == expected
+    counted["parsed"].clear()
+    again = process(str(tmp_path / "p.jsonl"), "-o", str(out), "-m", tiny_model, *ARGS)
+    assert generated_count(again.stderr) == (14, 14)
+    assert counted["parsed"] == [] and counted["checks"] == []
+
+
+def test_samples_keep_their_numbers_when_a_row_is_read_again(tmp_path, tiny_model, counted):
+    rows = prompts(9)
+    extra = ("--n", "3", "--temperature", "0.8")
+    expected = reference(tmp_path, tiny_model, rows, *extra)
+    out, todo = crash_then_resume(tmp_path, tiny_model, rows, counted, *extra)
+    assert sorted(set(counted["parsed"])) == todo and len(todo) < len(rows)
+    assert out.read_bytes() == expected
+
+
+def test_parquet_rows_that_are_done_are_not_converted(tmp_path, tiny_model, monkeypatch):
+    rows = {"id": [f"r{i}" for i in range(10)], "prompt": [f"{i} cats" for i in range(10)]}
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table(rows), f)
+    common = [str(f), "-m", tiny_model, *ARGS, "-q"]
+    assert process(*common, "-o", str(tmp_path / "whole.jsonl")).exit_code == 0
+    out = tmp_path / "p.out.jsonl"
+    run_killed(["process", *common, "-o", str(out)], "before_commit:3")
+    store = Path(f"{out}.mlxbatch.sqlite")
+    todo = lines_lacking_results(store) + list(range(manifest_lines(store) + 1, 11))
+    converted = []
+    read_rows = inputs.read_rows
+
+    def reading(path, skip=None):
+        for row in read_rows(path, skip):
+            converted.append(row.line)
+            yield row
+
+    monkeypatch.setattr(inputs, "read_rows", reading)
+    assert process(*common, "-o", str(out)).exit_code == 0
+    assert converted == todo and len(todo) < 10
+    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+def test_an_edited_input_is_checked_again_and_read_in_full(tmp_path, tiny_model, counted):
+    rows = prompts(6)
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    args = [str(f), "-m", tiny_model, *ARGS, "-q"]
+    assert process(*args).exit_code == 0
+    counted["checks"].clear()
+    counted["parsed"].clear()
+    rows[2] = {"id": "r2", "prompt": "an edited row"}
+    write_jsonl(f, rows)
+    edited = process(*args[:-1])
+    assert generated_count(edited.stderr) == (6, 5)
+    assert len(counted["checks"]) == 1
+    # Every line by the check, then by the run (line 1 once more: the check's kind detection).
+    assert sorted(counted["parsed"]) == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    bad = rows + [{"id": "r2", "prompt": "a duplicate id"}]
+    write_jsonl(f, bad)
+    refused = process(*args)
+    assert refused.exit_code == 1
+    assert "duplicate id 'r2'" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "same"),
+    [(("--window", "2"), True), (("--batch-size", "5"), True), (("--max-tokens", "4"), False),
+     (("--system", "Be brief."), False), (("--seed", "7"), False)],
+)  # fmt: skip
+def test_the_fingerprint_follows_what_rows_mean_not_how_the_run_goes(tmp_path, flag, same):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    base = JobSpec(input=str(f), model="m")
+    changed = JobSpec(input=str(f), model="m", **_spec_values(flag))
+    assert (resume.input_fingerprint(base) == resume.input_fingerprint(changed)) is same
+
+
+def _spec_values(flag: tuple[str, str]) -> dict:
+    name, value = flag
+    field = name.removeprefix("--").replace("-", "_")
+    return {field: int(value) if value.isdigit() else value}
+
+
+def test_the_fingerprint_covers_the_files_a_check_reads(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object"}))
+    spec = JobSpec(input=str(f), model="m", input_schema=str(schema))
+    before = resume.input_fingerprint(spec)
+    schema.write_text(json.dumps({"type": "object", "required": ["id"]}))
+    assert resume.input_fingerprint(spec) != before
+    f.write_text(f.read_text() + "\n")  # a trailing blank line changes no row but the bytes
+    assert resume.input_fingerprint(spec) != before
+    assert resume.input_fingerprint(JobSpec(input=str(tmp_path / "gone.jsonl"))) is None
+
+
+def test_a_store_from_before_fingerprints_is_checked_and_resumes(tmp_path, tiny_model, counted):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(5))
+    args = [str(f), "-m", tiny_model, *ARGS]
+    assert process(*args, "-q").exit_code == 0
+    with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
+        db.execute("DROP TABLE meta")
+    counted["checks"].clear()
+    again = process(*args)
+    assert generated_count(again.stderr) == (5, 5)
+    assert len(counted["checks"]) == 1
