@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from typing import Any
 from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
 from benchmarks.workloads import WORKLOADS, make_workload, write_subset
+from mlxbatch.jobs.spec import errors_path
 
 
 @dataclasses.dataclass
@@ -97,19 +99,22 @@ def alternating(variants: list[Variant], rounds: int) -> Iterator[Variant]:
 
 
 def summarize(variants: list[Variant], walls: dict[str, list[float]],
-              same: dict[str, list[int]], rows: int,
-              peaks: dict[str, list[int]]) -> list[str]:  # fmt: skip
+              same: dict[str, list[int]], rows: int, peaks: dict[str, list[int]],
+              errors: dict[str, list[int]] | None = None) -> list[str]:  # fmt: skip
     """One line per variant: median, speed against the first, agreement, MLX's highest peak
-    memory over the variant's runs, walls in run order."""
+    memory over the variant's runs, the most error records a run wrote, walls in run order."""
     base = statistics.median(walls[variants[0].name])
     lines = []
     for v in variants:
         median = statistics.median(walls[v.name])
         agree = min(same[v.name], default=rows)
         peak = max(peaks[v.name], default=0) / 2**20
+        failed = max((errors or {}).get(v.name, []), default=0)
         lines.append(
             f"{v.name:<12} median {median:7.3f} s  {base / median:5.2f}x  "
-            f"same output rows {agree}/{rows}  peak {peak:,.0f} MiB  runs "
+            f"same output rows {agree}/{rows}  peak {peak:,.0f} MiB  "
+            + (f"error records {failed}  " if failed else "")
+            + "runs "
             + " ".join(f"{w:.3f}" for w in walls[v.name])
         )
     return lines
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     peaks: dict[str, list[int]] = {v.name: [] for v in variants}
     same: dict[str, list[int]] = {v.name: [] for v in variants}
-    first: list[Any] | None = None
+    errors: dict[str, list[int]] = {v.name: [] for v in variants}
+    first: dict[Any, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="mlxbatch-ab-") as tmp:
         common = dict(model=model, quiet=True, fresh=True, **wl.spec_kwargs())
         warm_in = str(write_subset(wl, wl.rows if gpu else 8, Path(tmp)))
@@ -157,16 +163,35 @@ def main(argv: list[str] | None = None) -> None:
                 mx.clear_cache()
                 mx.reset_peak_memory()
                 t0 = time.perf_counter()
-                run_job(JobSpec(input=str(wl.path), output=str(out), **common | v.spec))
+                summary = run_job(JobSpec(input=str(wl.path), output=str(out), **common | v.spec))
                 walls[v.name].append(time.perf_counter() - t0)
+            if summary.status != "completed":  # e.g. SIGTERM from `timeout`: a partial output
+                raise SystemExit(f"{v.name}: the run was {summary.status}")
                 peaks[v.name].append(mx.get_peak_memory())
-            rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-            outputs = [(r.get("custom_id", r.get("id")), r.get("output")) for r in rows]
+            outputs = output_texts(out)
             first = first or outputs
-            same[v.name].append(sum(a == b for a, b in zip(outputs, first, strict=True)))
+            same[v.name].append(sum(outputs.get(k, object()) == t for k, t in first.items()))
+            errors[v.name].append(error_records(out))
+            print(f"   {v.name}: {walls[v.name][-1]:.3f} s, {len(outputs)} output rows, "
+                  f"{errors[v.name][-1]} error records", file=sys.stderr, flush=True)  # fmt: skip
     print(f"{wl.name}: {wl.rows} prompts, {args.rounds} rounds, {model}")
-    for line in summarize(variants, walls, same, len(first or []), peaks):
+    for line in summarize(variants, walls, same, len(first or []), peaks, errors):
         print(line)
+
+
+def output_texts(out: Path) -> dict[Any, Any]:
+    """Each output row's text, by its id."""
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    return {r.get("custom_id", r.get("id")): r.get("output") for r in rows}
+
+
+def error_records(out: Path) -> int:
+    """How many error records the run wrote; the first is printed."""
+    errors = Path(errors_path(str(out)))
+    lines = errors.read_text(encoding="utf-8").splitlines() if errors.exists() else []
+    if lines:
+        print(f"   first error record: {lines[0][:300]}", file=sys.stderr)
+    return len(lines)
 
 
 if __name__ == "__main__":
