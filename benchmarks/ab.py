@@ -39,7 +39,6 @@ from typing import Any
 from benchmarks.models import BENCH_DIR, bench_model
 from benchmarks.run import _token_counter
 from benchmarks.workloads import WORKLOADS, make_workload, write_subset
-from mlxbatch.jobs.spec import errors_path
 
 
 @dataclasses.dataclass
@@ -165,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 summary = run_job(JobSpec(input=str(wl.path), output=str(out), **common | v.spec))
                 walls[v.name].append(time.perf_counter() - t0)
+                peaks[v.name].append(mx.get_peak_memory())
             if summary.status != "completed":  # e.g. SIGTERM from `timeout`: a partial output
                 raise SystemExit(f"{v.name}: the run was {summary.status}")
-                peaks[v.name].append(mx.get_peak_memory())
             outputs = output_texts(out)
             first = first or outputs
             same[v.name].append(sum(outputs.get(k, object()) == t for k, t in first.items()))
@@ -187,6 +186,8 @@ def output_texts(out: Path) -> dict[Any, Any]:
 
 def error_records(out: Path) -> int:
     """How many error records the run wrote; the first is printed."""
+    from mlxbatch.jobs.spec import errors_path
+
     errors = Path(errors_path(str(out)))
     lines = errors.read_text(encoding="utf-8").splitlines() if errors.exists() else []
     if lines:

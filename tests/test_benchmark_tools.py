@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 from benchmarks import decode_step, timeline
 
 
@@ -98,6 +100,27 @@ def test_ab_runs_variants_in_alternating_order():
     a, b = Variant.parse("a"), Variant.parse("b:x.Y=1,SOME_ENV=on,n=2")
     assert (b.constants, b.env, b.spec) == ({"x.Y": 1}, {"SOME_ENV": "on"}, {"n": 2})
     assert [v.name for v in alternating([a, b], 3)] == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_ab_ends_on_a_run_that_did_not_complete(tiny_model, tmp_path, monkeypatch):
+    """A run stopped early (SIGTERM from `timeout`) leaves a partial output: not a result."""
+    from benchmarks import ab
+    from mlxbatch.jobs import runner
+
+    real = runner.run_job
+
+    def stopped(spec):
+        summary = real(spec)
+        if "warm" not in spec.output_path:
+            summary.status = "interrupted"
+        return summary
+
+    monkeypatch.setattr(runner, "run_job", stopped)
+    with pytest.raises(SystemExit, match="^plain: the run was interrupted$"):
+        ab.main(
+            ["--model", tiny_model, "--rows", "2", "--max-tokens", "2", "--rounds", "1",
+             "--system-tokens", "200", "--data-dir", str(tmp_path), "--variant", "plain"]
+        )  # fmt: skip
 
 
 def test_prefill_rows_reports_each_pass_size_and_padding_limit(tiny_model, tmp_path, capsys):

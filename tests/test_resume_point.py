@@ -188,3 +188,15 @@ def test_a_store_from_before_fingerprints_is_checked_and_resumes(tmp_path, tiny_
     again = process(*args)
     assert generated_count(again.stderr) == (5, 5)
     assert len(counted["checks"]) == 1
+
+
+def test_fresh_ignores_the_recorded_check_and_the_manifest(tmp_path, tiny_model, counted):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(4))
+    args = [str(f), "-m", tiny_model, *ARGS]
+    assert process(*args, "-q").exit_code == 0
+    counted["checks"].clear()
+    counted["parsed"].clear()
+    fresh = process(*args, "--fresh")
+    assert generated_count(fresh.stderr) == (4, 0)
+    assert len(counted["checks"]) == 1
+    assert sorted(set(counted["parsed"])) == [1, 2, 3, 4] and len(counted["parsed"]) == 9

@@ -53,8 +53,9 @@ def input_fingerprint(spec: JobSpec) -> str | None:
 
 
 def recorded_check(spec: JobSpec, fingerprint: str | None) -> InputCheck | None:
-    """The check a run over this very input already passed, from the store; else None."""
-    if fingerprint is None or not os.path.exists(spec.store_path):
+    """The check a run over this very input already passed, from the store; else None (and
+    always None with --fresh, which ignores the store)."""
+    if spec.fresh or fingerprint is None or not os.path.exists(spec.store_path):
         return None
     try:
         store = Store(spec.store_path, create=False, read_only=True)

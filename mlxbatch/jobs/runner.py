@@ -146,7 +146,7 @@ def _run(
         progress.update(start.done_tasks)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
     generate = pool.generate_window if pool is not None else generate_window
-    windows = ReadAhead(task_windows(spec, check.kind, engine, store.path, start))
+    windows = ReadAhead(task_windows(spec, check.kind, engine, store.path, start, identity))
     try:
         for tasks in windows:
             with summary.timing("store_seconds"):

@@ -46,16 +46,19 @@ def task_windows(
     engine: Any,
     store_path: str | None = None,
     resume: ResumePoint | None = None,
+    identity: bytes | None = None,
 ) -> Iterator[list[Task]]:
     """The input's keyed tasks, a window of rows at a time, numbered in output order.
 
     With `store_path`, rows recorded there as done are not rendered again; the store is read
     through a read-only connection of its own, so the windows may be made on another thread.
+    `identity` is the render identity when the caller has it (it reads the whole vocabulary).
     With `resume`, the rows it says are done are not read at all and the rest keep their
     numbers.
     """
     options = render_options(spec, engine)
-    identity = render_identity(engine.tokenizer, **options) if store_path is not None else b""
+    if identity is None:
+        identity = render_identity(engine.tokenizer, **options) if store_path is not None else b""
     # The run's own connection holds the store in WAL mode, so this one reads what it commits.
     store = Store(store_path, create=False, read_only=True) if store_path is not None else None
     requests = iter_requests(spec, kind, resume.skip if resume is not None else None)
