@@ -200,3 +200,35 @@ def test_fresh_ignores_the_recorded_check_and_the_manifest(tmp_path, tiny_model,
     assert generated_count(fresh.stderr) == (4, 0)
     assert len(counted["checks"]) == 1
     assert sorted(set(counted["parsed"])) == [1, 2, 3, 4] and len(counted["parsed"]) == 9
+
+
+def test_lines_appended_are_the_only_lines_a_grown_input_reads_again(tmp_path, tiny_model, counted):
+    expected = reference(tmp_path, tiny_model, prompts(9))
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(6))
+    args = [str(f), "-m", tiny_model, *ARGS]
+    assert process(*args, "-q").exit_code == 0
+    counted["checks"].clear()
+    counted["parsed"].clear()
+    with open(f, "a", encoding="utf-8") as appending:
+        appending.writelines(json.dumps(row) + "\n" for row in prompts(3, start=6))
+    grown = process(*args)
+    assert generated_count(grown.stderr) == (9, 6)
+    assert len(counted["checks"]) == 1  # a grown input is checked in full
+    # The check reads every line (line 1 once more for the kind); the run only lines 7-9.
+    assert sorted(counted["parsed"]) == [1, 1, 2, 3, 4, 5, 6, 7, 7, 8, 8, 9, 9]
+    assert (tmp_path / "p.out.jsonl").read_bytes() == expected
+
+
+def test_an_append_to_a_last_line_without_a_newline_reads_every_line(tmp_path, tiny_model, counted):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(row) for row in prompts(4)), encoding="utf-8")
+    args = [str(f), "-m", tiny_model, *ARGS]
+    assert process(*args, "-q").exit_code == 0
+    counted["parsed"].clear()
+    with open(f, "a", encoding="utf-8") as appending:
+        appending.write("\n" + json.dumps(prompts(1, start=4)[0]) + "\n")
+    grown = process(*args)
+    assert generated_count(grown.stderr) == (5, 4)
+    # The old last line's bytes did not end a line: the manifest is written again.
+    assert sorted(set(counted["parsed"])) == [1, 2, 3, 4, 5]
+    assert counted["parsed"].count(4) == 2

@@ -108,7 +108,9 @@ def test_a_run_in_many_windows_writes_what_one_window_writes(
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
 
 
-def test_a_grown_input_in_many_windows_renders_only_its_new_rows(tmp_path, tiny_model, monkeypatch):
+def test_an_edited_input_in_many_windows_renders_only_its_changed_and_new_rows(
+    tmp_path, tiny_model, monkeypatch
+):
     rendered = []
     render_tasks = windows_module.render_tasks
 
@@ -132,11 +134,12 @@ def test_a_grown_input_in_many_windows_renders_only_its_new_rows(tmp_path, tiny_
     first = (tmp_path / "p.out.jsonl").read_bytes()
     rendered.clear()
     ahead.clear()
-    write_jsonl(f, prompts(7) + prompts(4, start=7))
+    # Row 7 edited, not only appended to: every row is read again (resume.py).
+    write_jsonl(f, prompts(6) + [{"id": "r6", "prompt": "an edited row"}] + prompts(4, start=7))
     grown = process(str(f), *args)
-    assert generated_count(grown.stderr) == (11, 7)
-    # Windows of 3: rows 1-3 and 4-6 were recorded done; row 7 was too, beside rows 8-9.
-    assert rendered == [0, 0, 2, 2]
+    assert generated_count(grown.stderr) == (11, 6)
+    # Windows of 3: rows 1-3 and 4-6 were recorded done; rows 7-9 and 10-11 are new.
+    assert rendered == [0, 0, 3, 2]
     # Read ahead only while generating: from the window with new rows on.
     assert len(ahead) == 2
-    assert (tmp_path / "p.out.jsonl").read_bytes().startswith(first)
+    assert (tmp_path / "p.out.jsonl").read_bytes().splitlines()[:6] == first.splitlines()[:6]

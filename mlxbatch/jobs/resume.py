@@ -1,16 +1,18 @@
 """What a run over an input it has seen before can skip: the input check, and the done rows.
 
-An input's fingerprint hashes the file's bytes, the settings that decide what its rows are and
-mean (everything in the JobSpec but how the run goes: paths, windows, batch sizes, stopping),
-the schema files they name and mlxbatch's version. The store keeps the last passed check
-under it, so a resume of an unchanged input does not validate a million rows again. The
-manifest is kept under a second fingerprint that adds the tokenizer and model
-(render.render_identity); when it matches, the rows whose every sample has a successful result
-are not even parsed: the run reads only the rest (`ResumePoint.skip`), numbered as before.
+An input's fingerprint digests its bytes and, apart, its settings: everything in the JobSpec
+but how the run goes (paths, windows, batch sizes, stopping), the schema files it names and
+mlxbatch's version. The store keeps the last passed check under both, so a resume of an
+unchanged input does not validate a million rows again. The manifest is kept under the
+settings, the tokenizer and model (render.render_identity) and the bytes it was written for:
+when they match, or the input has only grown by lines appended to them (plain JSONL, the
+nightly case), the rows whose every sample has a successful result are not even parsed; the
+run reads only the rest (`ResumePoint.skip`), numbered after them.
 
-A grown or edited input, other settings or another model get neither: the full check runs
-and the manifest is written again (the store's `rendered` table still spares re-rendering).
-Nothing here loads a model or decides what to generate.
+Other settings, another model, or an input edited anywhere but at its end get neither: the full
+check runs and the manifest is written again (the store's `rendered` table still spares
+re-rendering). A grown input is checked in full. Nothing here loads a model or decides what to
+generate.
 """
 
 from __future__ import annotations
@@ -35,24 +37,52 @@ RUN_FIELDS = frozenset(
 _CHUNK = 1 << 20
 
 
-def input_fingerprint(spec: JobSpec) -> str | None:
-    """A digest of the input file and everything its check depends on; None if unreadable."""
+@dataclass(frozen=True)
+class Fingerprint:
+    """`settings`: a digest of what the input's rows mean besides their bytes; `content`: of
+    its `size` bytes. `appendable`: plain JSONL, whose first lines survive an append."""
+
+    settings: str
+    content: str
+    size: int
+    appendable: bool
+
+
+def input_fingerprint(spec: JobSpec) -> Fingerprint | None:
+    """The input's fingerprint; None if a file it needs cannot be read."""
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RUN_FIELDS}
     digest = hashlib.blake2b(digest_size=20)
     digest.update(json.dumps([__version__, settings], sort_keys=True, default=str).encode())
     try:
-        for path in (spec.input, spec.input_schema, spec.json_schema):
+        for path in (spec.input_schema, spec.json_schema):
             if path is not None:
                 with open(path, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        digest.update(chunk)
-                digest.update(b"\0" + str(os.path.getsize(path)).encode())
+                    digest.update(f.read() + b"\0")
+        size = os.path.getsize(spec.input)
     except OSError:
         return None
-    return digest.hexdigest()
+    content = content_digest(spec.input, size)
+    if content is None:
+        return None
+    appendable = spec.input.lower().endswith((".jsonl", ".json", ".ndjson"))
+    return Fingerprint(digest.hexdigest(), content, size, appendable)
 
 
-def recorded_check(spec: JobSpec, fingerprint: str | None) -> InputCheck | None:
+def content_digest(path: str, size: int) -> str | None:
+    """A digest of the first `size` bytes of `path`; None if it cannot read them all."""
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        with open(path, "rb") as f:
+            left = size
+            while left and (chunk := f.read(min(_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest() if not left else None
+
+
+def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck | None:
     """The check a run over this very input already passed, from the store; else None (and
     always None with --fresh, which ignores the store)."""
     if spec.fresh or fingerprint is None or not os.path.exists(spec.store_path):
@@ -67,20 +97,19 @@ def recorded_check(spec: JobSpec, fingerprint: str | None) -> InputCheck | None:
         return None
     finally:
         store.close()
-    if recorded.pop("fingerprint", None) != fingerprint:
+    if recorded.get("fingerprint") != _check_key(fingerprint):
         return None
     return InputCheck(kind=recorded["kind"], requests=recorded["requests"], tasks=recorded["tasks"])
 
 
-def record_check(store: Store, check: InputCheck, fingerprint: str | None) -> None:
+def record_check(store: Store, check: InputCheck, fingerprint: Fingerprint | None) -> None:
     if fingerprint is not None:
-        store.set_meta("input_check", json.dumps({"fingerprint": fingerprint, **vars(check)}))
+        recorded = {"fingerprint": _check_key(fingerprint), **vars(check)}
+        store.set_meta("input_check", json.dumps(recorded))
 
 
-def manifest_fingerprint(input_fingerprint: str | None, render_identity: bytes) -> str | None:
-    if input_fingerprint is None:
-        return None
-    return hashlib.blake2b(input_fingerprint.encode() + render_identity, digest_size=20).hexdigest()
+def _check_key(fingerprint: Fingerprint) -> list:
+    return [fingerprint.settings, fingerprint.content, fingerprint.size]
 
 
 @dataclass
@@ -101,12 +130,25 @@ class ResumePoint:
         return line <= self.last_line and line not in self.redo
 
 
-def resume_point(store: Store, fingerprint: str | None, fresh: bool) -> ResumePoint | None:
-    """The done rows to skip when the manifest was written for `fingerprint`; else None, and
-    the manifest is emptied for this run to write under it."""
-    if fresh or fingerprint is None or store.meta("manifest") != fingerprint:
-        store.restart_manifest(fingerprint)
+def resume_point(
+    store: Store, path: str, fingerprint: Fingerprint | None, identity: bytes, fresh: bool
+) -> ResumePoint | None:
+    """The done rows to skip when the store's manifest was written for the input at `path` as
+    it is now, or for its first lines; else None, and the manifest is emptied for this run to
+    write. Either way the manifest is recorded as this input's from here on."""
+    current = None
+    if fingerprint is not None:
+        current = {"settings": fingerprint.settings, "identity": identity.hex(),
+                   "content": fingerprint.content, "size": fingerprint.size}  # fmt: skip
+    try:
+        written = json.loads(store.meta("manifest") or "{}")
+    except ValueError:
+        written = {}
+    if fresh or current is None or not _describes_start(written, current, path, fingerprint):
+        store.restart_manifest(json.dumps(current) if current is not None else None)
         return None
+    if written != current:
+        store.set_meta("manifest", json.dumps(current))
     last_line, next_seq = store.manifest_extent()
     redo = store.manifest_requests_to_redo()
     return ResumePoint(
@@ -115,3 +157,29 @@ def resume_point(store: Store, fingerprint: str | None, fresh: bool) -> ResumePo
         done_tasks=next_seq - sum(n for _, _, n in redo),
         redo={line: seq for line, seq, _ in redo},
     )
+
+
+def _describes_start(written: dict, current: dict, path: str, fingerprint: Fingerprint) -> bool:
+    """Whether a manifest written for `written` holds the first requests of the input now."""
+    if any(written.get(k) != current[k] for k in ("settings", "identity")):
+        return False
+    size = written.get("size")
+    if size == current["size"]:
+        return bool(written.get("content") == current["content"])
+    # Grown by appending: the bytes it was written for, whole lines, are still the file's start.
+    return (
+        fingerprint.appendable
+        and isinstance(size, int)
+        and 0 < size < current["size"]
+        and _ends_a_line(path, size)
+        and content_digest(path, size) == written.get("content")
+    )
+
+
+def _ends_a_line(path: str, size: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+    except OSError:
+        return False

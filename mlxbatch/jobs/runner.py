@@ -94,7 +94,7 @@ def run_job(spec: JobSpec) -> RunSummary:
 def _run(
     spec: JobSpec,
     check: InputCheck,
-    fingerprint: str | None,
+    fingerprint: resume.Fingerprint | None,
     store: Store,
     engine: Any,
     started: float,
@@ -117,9 +117,7 @@ def _run(
     if spec.fresh:
         store.clear_results()
     identity = render_identity(engine.tokenizer, **render_options(spec, engine))
-    start = resume.resume_point(
-        store, resume.manifest_fingerprint(fingerprint, identity), spec.fresh
-    )
+    start = resume.resume_point(store, spec.input, fingerprint, identity, spec.fresh)
     stopping: list[int] = []
     late: list[bool] = []  # set when generation was cut short by the deadline
     last_export = [time.monotonic()]
@@ -141,7 +139,7 @@ def _run(
     }
     progress = _progress(spec, check.tasks)
     committer = Committer(store, summary, progress, checkpoint)
-    if start is not None:  # done rows of an unchanged input, not read again
+    if start is not None:  # done rows of an unchanged (or only grown) input, not read again
         summary.cached += start.done_tasks
         progress.update(start.done_tasks)
     pool = RayPool(spec) if spec.ray_address else None  # started at the first window with work
