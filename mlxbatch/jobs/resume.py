@@ -136,16 +136,17 @@ def resume_point(
     """The done rows to skip when the store's manifest was written for the input at `path` as
     it is now, or for its first lines; else None, and the manifest is emptied for this run to
     write. Either way the manifest is recorded as this input's from here on."""
-    current = None
-    if fingerprint is not None:
-        current = {"settings": fingerprint.settings, "identity": identity.hex(),
-                   "content": fingerprint.content, "size": fingerprint.size}  # fmt: skip
+    if fingerprint is None:
+        store.restart_manifest(None)
+        return None
+    current = {"settings": fingerprint.settings, "identity": identity.hex(),
+               "content": fingerprint.content, "size": fingerprint.size}  # fmt: skip
     try:
         written = json.loads(store.meta("manifest") or "{}")
     except ValueError:
         written = {}
-    if fresh or current is None or not _describes_start(written, current, path, fingerprint):
-        store.restart_manifest(json.dumps(current) if current is not None else None)
+    if fresh or not _describes_start(written, current, path, fingerprint):
+        store.restart_manifest(json.dumps(current))
         return None
     if written != current:
         store.set_meta("manifest", json.dumps(current))
