@@ -232,3 +232,17 @@ def test_an_append_to_a_last_line_without_a_newline_reads_every_line(tmp_path, t
     # The old last line's bytes did not end a line: the manifest is written again.
     assert sorted(set(counted["parsed"])) == [1, 2, 3, 4, 5]
     assert counted["parsed"].count(4) == 2
+
+
+def test_records_it_cannot_read_are_ignored(tmp_path, tiny_model, counted):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    args = [str(f), "-m", tiny_model, *ARGS]
+    assert process(*args, "-q").exit_code == 0
+    with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
+        db.execute("UPDATE meta SET value = '12345'")
+    counted["checks"].clear()
+    counted["parsed"].clear()
+    again = process(*args)
+    assert generated_count(again.stderr) == (3, 3)
+    assert len(counted["checks"]) == 1
+    assert sorted(counted["parsed"]) == [1, 1, 1, 2, 2, 3, 3]

@@ -11,8 +11,9 @@ run reads only the rest (`ResumePoint.skip`), numbered after them.
 
 Other settings, another model, or an input edited anywhere but at its end get neither: the full
 check runs and the manifest is written again (the store's `rendered` table still spares
-re-rendering). A grown input is checked in full. Nothing here loads a model or decides what to
-generate.
+re-rendering). A grown input is checked in full too. Nothing here loads a model or decides what
+to generate. Not guarded against: a store last run by a version of mlxbatch from before these
+records, under other settings, after this version ran it.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck
     except StoreError:
         return None  # a damaged store is dealt with when the run opens it
     try:
-        recorded = json.loads(store.meta("input_check") or "{}")
-    except (StoreError, ValueError):  # a store from before `meta`
+        recorded = _json_object(store.meta("input_check"))
+    except StoreError:  # a store from before `meta`
         return None
     finally:
         store.close()
@@ -108,13 +109,23 @@ def record_check(store: Store, check: InputCheck, fingerprint: Fingerprint | Non
         store.set_meta("input_check", json.dumps(recorded))
 
 
+def _json_object(text: str | None) -> dict:
+    """A meta value as the dict this version writes; {} for anything else."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _check_key(fingerprint: Fingerprint) -> list:
     return [fingerprint.settings, fingerprint.content, fingerprint.size]
 
 
 @dataclass
 class ResumePoint:
-    """Where a run over an unchanged input picks up, from the manifest an earlier run wrote.
+    """Where a run over an unchanged (or appended-to) input picks up, from the manifest an
+    earlier run wrote.
 
     Requests on lines up to `last_line` keep their numbers: those in `redo` (line -> first
     seq) are read again, the others are done and skipped. Lines after it are numbered from
@@ -141,10 +152,7 @@ def resume_point(
         return None
     current = {"settings": fingerprint.settings, "identity": identity.hex(),
                "content": fingerprint.content, "size": fingerprint.size}  # fmt: skip
-    try:
-        written = json.loads(store.meta("manifest") or "{}")
-    except ValueError:
-        written = {}
+    written = _json_object(store.meta("manifest"))
     if fresh or not _describes_start(written, current, path, fingerprint):
         store.restart_manifest(json.dumps(current))
         return None
