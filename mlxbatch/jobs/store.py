@@ -7,7 +7,8 @@
   once all of them have results, so a resumed or nightly run skips rows already done without
   rendering them again.
 - `meta`: the last input check's result and what the manifest was written for, under their
-  fingerprints (jobs/resume.py), so a resume of an unchanged input skips what is done.
+  fingerprints (jobs/resume.py), so a run over an unchanged or appended-to input skips what
+  is done.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 How the file is opened, locked and written durably, and how SQLite's errors are named, is in
