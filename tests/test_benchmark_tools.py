@@ -143,3 +143,17 @@ def test_prefill_rows_reports_each_pass_size_and_padding_limit(tiny_model, tmp_p
     # 16 tokens a pass holds one row a batch; 4,096 without a padding limit takes all six.
     assert settings[0][2] == "6" and settings[3][2] == "1"
     assert all(float(s[3].replace(",", "")) > 0 for s in settings)
+
+
+def test_scale_appends_a_percent_and_the_nightly_run_generates_only_those(tiny_model, tmp_path):
+    import json
+
+    from benchmarks import scale
+
+    out = tmp_path / "scale.json"
+    scale.main(["--rows", "400", "--model", tiny_model, "--json", str(out)])
+    [result] = json.loads(out.read_text())
+    assert result["rows"] == 400 and result["resume"]["results"] == 400
+    nightly = result["nightly_stats"]
+    assert (nightly["ok"], nightly["cached"], nightly["rows"]) == (4, 400, 404)
+    assert nightly["first_generation_after"] > 0
