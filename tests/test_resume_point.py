@@ -178,18 +178,6 @@ def test_the_fingerprint_covers_the_files_a_check_reads(tmp_path):
     assert resume.input_fingerprint(JobSpec(input=str(tmp_path / "gone.jsonl"))) is None
 
 
-def test_a_store_from_before_fingerprints_is_checked_and_resumes(tmp_path, tiny_model, counted):
-    f = write_jsonl(tmp_path / "p.jsonl", prompts(5))
-    args = [str(f), "-m", tiny_model, *ARGS]
-    assert process(*args, "-q").exit_code == 0
-    with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
-        db.execute("DROP TABLE meta")
-    counted["checks"].clear()
-    again = process(*args)
-    assert generated_count(again.stderr) == (5, 5)
-    assert len(counted["checks"]) == 1
-
-
 def test_fresh_ignores_the_recorded_check_and_the_manifest(tmp_path, tiny_model, counted):
     f = write_jsonl(tmp_path / "p.jsonl", prompts(4))
     args = [str(f), "-m", tiny_model, *ARGS]
@@ -234,12 +222,17 @@ def test_an_append_to_a_last_line_without_a_newline_reads_every_line(tmp_path, t
     assert counted["parsed"].count(4) == 2
 
 
-def test_records_it_cannot_read_are_ignored(tmp_path, tiny_model, counted):
+@pytest.mark.parametrize(
+    "change", ["DROP TABLE meta", "UPDATE meta SET value = '12345'"], ids=["before", "garbled"]
+)
+def test_a_store_whose_records_cannot_be_used_is_checked_and_read_in_full(
+    tmp_path, tiny_model, counted, change
+):
     f = write_jsonl(tmp_path / "p.jsonl", prompts(3))
     args = [str(f), "-m", tiny_model, *ARGS]
     assert process(*args, "-q").exit_code == 0
     with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
-        db.execute("UPDATE meta SET value = '12345'")
+        db.execute(change)
     counted["checks"].clear()
     counted["parsed"].clear()
     again = process(*args)
