@@ -185,13 +185,12 @@ def render_tasks(
     template: str | None,
     system: str | None,
     use_chat_template: bool,
-    first_seq: int = 0,
     seqs: list[int] | None = None,
     known_keys: dict[int, list[str]] | None = None,
     digests: list[bytes | None] | None = None,
 ) -> list[Task]:
-    """One Task per request and sample, numbered from `first_seq` in output order, or from
-    each request's own first number in `seqs` (a resumed run's rows keep theirs).
+    """One Task per request and sample, numbered in output order from 0, or from each
+    request's own first number in `seqs` (a resumed run's rows keep theirs).
 
     `known_keys` maps a request's index to its tasks' keys, found earlier and already done:
     such a request is not rendered again, and its tasks carry no prompt ids. `digests`, the
@@ -227,7 +226,7 @@ def render_tasks(
     rendered = [ids[i] for i, e in enumerate(errors) if e is None and i not in known]
     keys = KeyHasher(model_identity, rendered)
     tasks: list[Task] = []
-    seq = first_seq
+    seq = 0
     for i, (request, error, prompt_ids) in enumerate(zip(requests, errors, ids, strict=True)):
         done = known.get(i)
         if seqs is not None:
