@@ -1,10 +1,12 @@
 """The input as keyed Tasks, a window of rows at a time, in output order.
 
-Each window of validated requests is rendered to tasks (pipeline/render.py). With a store,
-requests recorded there as done (`completed_renders`, after their window is generated) are
-not rendered or tokenized again, and one lookup per row tells: a resumed or nightly run over
-a large file then spends its time before generating on reading the file, not on re-rendering
-what is done. It does not decide what to generate (runner.py does) and loads no model.
+Each window of validated requests is rendered to tasks (pipeline/render.py). With a
+`ResumePoint` (resume.py: an unchanged or appended-to input), the rows it says are done are
+not read at all. Otherwise, with a store, requests recorded there as done (`completed_renders`,
+after their window is generated) are not rendered or tokenized again, and one lookup per row
+tells: a run over an edited file spends its time before generating on reading it, not on
+re-rendering what is done. It does not decide what to generate (runner.py does) and loads no
+model.
 
 `ReadAhead` prepares the next window on a worker thread while the caller generates the
 current one: MLX lets go of Python's lock while it waits for the device, and rendering and
@@ -88,7 +90,7 @@ class ReadAhead(Generic[T]):
     """The items of `items`, each made on one worker thread; `prepare_next` has the worker
     start on the next while the caller works on the current one.
 
-    Only on request: a resumed run's windows that are all done need little of the caller, and
+    Only on request: windows that are all done (an edited input's) need little of the caller, and
     two threads then only fight over Python's lock (a 200,000-row resume started generating
     6.0 s in sequentially, 7.0 s reading ahead, 2 cores). At most two items are alive at once.
     Every step of `items`, closing included, runs on the worker (a SQLite connection stays in
