@@ -63,7 +63,7 @@ STAGES = (
     ("mlx_lm.generate", "GenerationBatch.next", "  decode steps"),
     ("mlxbatch.pipeline.engine.batch", "BatchRun._finish", "  finish rows"),
     ("mlxbatch.jobs.store", "Store.put_results", "store results"),
-    ("mlxbatch.jobs.store", "Store.put_rendered", "store renders"),
+    ("mlxbatch.jobs.store", "Store.record_done", "record done"),
     ("mlxbatch.jobs.provenance", "finish", "provenance"),
     ("mlxbatch.jobs.store", "Store.end_run", "end run"),
     ("mlxbatch.jobs.runner", "export_outputs", "export"),

@@ -235,7 +235,7 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
     assert {
         "store:begin_run",
         "store:add_manifest",
-        "store:put_rendered",
+        "store:record_done",
         "store:put_results",
         "line:out.jsonl",
         "fsync:out.jsonl",
@@ -252,7 +252,7 @@ def test_disk_full_writing_parquet_keeps_the_old_file(tmp_path, tiny_model):
     previous = out.read_bytes()
     write_jsonl(inp, ROWS[:9])
     # begin_run, set_meta (the input check), clear_manifest (the input grew), add_manifest,
-    # put_rendered, put_results (4 new rows), end_run: then Parquet.
+    # record_done, put_results (4 new rows), end_run: then Parquet.
     first_parquet_write = 8
     result = invoke(args, env={"MLXBATCH_FAULT": f"enospc:{first_parquet_write}"})
     assert result.exit_code == 1

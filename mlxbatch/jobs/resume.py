@@ -7,7 +7,8 @@ unchanged input does not validate a million rows again. The manifest is kept und
 settings, the tokenizer and model (render.render_identity) and the bytes it was written for:
 when they match, or the input has only grown by lines appended to them (plain JSONL, the
 nightly case), the rows whose every sample has a successful result are not even parsed; the
-run reads only the rest (`ResumePoint.skip`), numbered after them.
+run reads only the rest (`ResumePoint.skip`), numbered after them. Which those are is looked
+up only outside the spans of seqs each window recorded as done (Store.record_done).
 
 Other settings, another model, or an input edited anywhere but at its end get neither: the full
 check runs and the manifest is written again (the store's `rendered` table still spares

@@ -170,7 +170,11 @@ def _run(
                 summary.stop_generating()
             committer.flush()
             with summary.timing("store_seconds"):
-                store.put_rendered(completed_renders(tasks, store))
+                done = store.done_keys(t.key for t in tasks if not t.done)
+                store.record_done(
+                    completed_renders(tasks, done),
+                    [t.seq for t in tasks if t.done or t.key in done],
+                )
             if stopping or late:
                 break
         if stopping:

@@ -6,6 +6,8 @@
 - `rendered`: a request's digest (pipeline/render.request_digest) -> its task keys, written
   once all of them have results, so a resumed or nightly run skips rows already done without
   rendering them again.
+- `done_spans`: runs of manifest seqs that hold a successful result, written with `rendered`,
+  so a resume looks up only the seqs outside them (1M rows: 3.1 s of lookups otherwise).
 - `meta`: the last input check's result and what the manifest was written for, under their
   fingerprints (jobs/resume.py), so a run over an unchanged or appended-to input skips what
   is done.
@@ -27,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.spans import gaps_between, spans_of
 from mlxbatch.jobs.sqlite_file import (
     DISK_FULL_HINT,
     ProcessLock,
@@ -85,6 +88,7 @@ class Store:
             self._write_fault("clear_results")
             self.db.execute("DELETE FROM results")
             self.db.execute("DELETE FROM rendered")
+            self.db.execute("DELETE FROM done_spans")
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` that already have a successful result."""
@@ -106,19 +110,11 @@ class Store:
     def put_results(self, results: list[Result]) -> None:
         """Write a finished batch in one transaction."""
         rows = [
-            (
-                r.key,
-                r.text,
-                r.finish_reason,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.error_code,
-                r.error_message,
-                r.created,
-                json.dumps(r.extra, ensure_ascii=False) if r.extra else None,
-            )
+            (r.key, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error_code,
+             r.error_message, r.created,
+             json.dumps(r.extra, ensure_ascii=False) if r.extra else None)
             for r in results
-        ]
+        ]  # fmt: skip
         FAULTS.point("before_commit")
         with self._sqlite_errors(), self._transaction():
             self._write_fault("put_results")
@@ -130,13 +126,23 @@ class Store:
         query = "SELECT digest, keys FROM rendered WHERE digest IN ({})"
         return {d: keys.split(",") for d, keys in self._select_in(query, digests)}
 
-    def put_rendered(self, pairs: list[tuple[bytes, list[str]]]) -> None:
-        if not pairs:
+    def record_done(self, rendered: list[tuple[bytes, list[str]]], seqs: list[int]) -> None:
+        """After a window: its requests whose tasks are all done (`rendered`), and the
+        manifest seqs now holding a successful result, as spans (resume.py skips them)."""
+        spans = spans_of(sorted(seqs))
+        if not rendered and not spans:
             return
-        rows = [(d, ",".join(keys)) for d, keys in pairs]
         with self._sqlite_errors(), self._transaction():
-            self._write_fault("put_rendered")
-            self.db.executemany("INSERT OR REPLACE INTO rendered VALUES (?,?)", rows)
+            self._write_fault("record_done")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO rendered VALUES (?,?)",
+                [(d, ",".join(keys)) for d, keys in rendered],
+            )
+            self.db.executemany(
+                "INSERT INTO done_spans VALUES (?,?) ON CONFLICT(first_seq) "
+                "DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+                spans,
+            )
 
     # -- manifest ----------------------------------------------------------------------------
 
@@ -146,19 +152,27 @@ class Store:
             self._write_fault("clear_manifest")
             with self._transaction():
                 self.db.execute("DELETE FROM manifest")
+                self.db.execute("DELETE FROM done_spans")
                 self.db.execute("DELETE FROM meta WHERE name = 'manifest'")
                 if fingerprint is not None:
                     self.db.execute("INSERT INTO meta VALUES ('manifest', ?)", (fingerprint,))
 
     def manifest_requests_to_redo(self) -> list[tuple[int, int, int]]:
         """(line, first seq, n) of each manifest request with a sample lacking a successful
-        result, in line order."""
+        result, in line order. Only seqs outside the recorded done spans are looked up."""
+        query = (
+            "SELECT m.line, MIN(m.seq - m.sample_index), MAX(m.n) FROM manifest m "
+            "WHERE m.seq BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM results r "
+            "WHERE r.key = m.key AND r.finish_reason != 'error') GROUP BY m.line"
+        )
+        _, end = self.manifest_extent()
+        redo: dict[int, tuple[int, int, int]] = {}
         with self._sqlite_errors():
-            return self.db.execute(
-                "SELECT m.line, MIN(m.seq - m.sample_index), MAX(m.n) FROM manifest m "
-                "WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.key = m.key "
-                "AND r.finish_reason != 'error') GROUP BY m.line ORDER BY m.line"
-            ).fetchall()
+            done = self.db.execute("SELECT first_seq, last_seq FROM done_spans ORDER BY 1")
+            for gap in gaps_between(done, end):
+                for row in self.db.execute(query, gap):
+                    redo.setdefault(row[0], row)  # a request's samples may fall in two gaps
+        return sorted(redo.values())
 
     def manifest_extent(self) -> tuple[int, int]:
         """(last line, seq after the last) of the manifest; (0, 0) when it is empty."""
@@ -246,17 +260,9 @@ class Store:
             cursor = self.db.execute(
                 "INSERT INTO runs (started, status, pid, input, output, model, model_identity, "
                 "kind, spec) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    time.time(),
-                    os.getpid(),
-                    input,
-                    output,
-                    model,
-                    model_identity,
-                    kind,
-                    json.dumps(spec, default=str),
-                ),
-            )
+                (time.time(), os.getpid(), input, output, model, model_identity, kind,
+                 json.dumps(spec, default=str)),
+            )  # fmt: skip
         return int(cursor.lastrowid or 0)
 
     def end_run(
@@ -267,14 +273,9 @@ class Store:
             self.db.execute(
                 "UPDATE runs SET finished = ?, status = ?, stats = ?, provenance = ? "
                 "WHERE run_id = ?",
-                (
-                    time.time(),
-                    status,
-                    json.dumps(stats),
-                    json.dumps(provenance, default=str) if provenance is not None else None,
-                    run_id,
-                ),
-            )
+                (time.time(), status, json.dumps(stats),
+                 json.dumps(provenance, default=str) if provenance is not None else None, run_id),
+            )  # fmt: skip
 
     def last_run(self) -> dict | None:
         return self._run("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1")

@@ -135,8 +135,9 @@ def _windows(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
         yield window
 
 
-def completed_renders(tasks: list[Task], store: Store) -> list[tuple[bytes, list[str]]]:
-    """(digest, task keys) of the requests rendered in this window that are now all done.
+def completed_renders(tasks: list[Task], done: set[str]) -> list[tuple[bytes, list[str]]]:
+    """(digest, task keys) of the requests rendered in this window whose keys are all in
+    `done` (those with a successful result).
 
     Only these go into the store's `rendered` table, so a request found there needs nothing.
     """
@@ -145,5 +146,4 @@ def completed_renders(tasks: list[Task], store: Store) -> list[tuple[bytes, list
         if t.digest is not None and not t.done and t.error is None:
             samples.setdefault(t.digest, {})[t.sample_index] = t.key
     keys = {d: [by_index[i] for i in range(len(by_index))] for d, by_index in samples.items()}
-    done = store.done_keys(k for ks in keys.values() for k in ks)
     return [(d, ks) for d, ks in keys.items() if done.issuperset(ks)]
