@@ -201,10 +201,54 @@ def test_lines_appended_are_the_only_lines_a_grown_input_reads_again(tmp_path, t
         appending.writelines(json.dumps(row) + "\n" for row in prompts(3, start=6))
     grown = process(*args)
     assert generated_count(grown.stderr) == (9, 6)
-    assert len(counted["checks"]) == 1  # a grown input is checked in full
-    # The check reads every line (line 1 once more for the kind); the run only lines 7-9.
-    assert sorted(counted["parsed"]) == [1, 1, 2, 3, 4, 5, 6, 7, 7, 8, 8, 9, 9]
+    assert counted["checks"] == []  # no full check: only the new lines are checked
+    assert sorted(counted["parsed"]) == [7, 7, 8, 8, 9, 9]  # by that check, then by the run
     assert (tmp_path / "p.out.jsonl").read_bytes() == expected
+    counted["parsed"].clear()
+    with open(f, "a", encoding="utf-8") as appending:  # and again, from the new record
+        appending.writelines(json.dumps(row) + "\n" for row in prompts(2, start=9))
+    assert generated_count(process(*args).stderr) == (11, 9)
+    assert counted["checks"] == [] and sorted(counted["parsed"]) == [10, 10, 11, 11]
+
+
+@pytest.mark.parametrize(
+    ("appended", "message"),
+    [({"id": "r1", "prompt": "an old id again"}, "duplicate id 'r1' (first at line 2) (at $.id)"),
+     ({"id": "r9", "prompt": "a new id", "temperature": "hot"},
+      "'hot' is not of type 'number' (at $.temperature)")],
+    ids=["old id", "bad row"],
+)  # fmt: skip
+def test_a_bad_appended_line_is_reported_by_a_full_check(
+    tmp_path, tiny_model, counted, appended, message
+):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(6))
+    args = [str(f), "-m", tiny_model, *ARGS, "-q"]
+    assert process(*args).exit_code == 0
+    before = (tmp_path / "p.out.jsonl").read_bytes()
+    counted["checks"].clear()
+    with open(f, "a", encoding="utf-8") as appending:
+        appending.write(json.dumps(appended) + "\n")
+    refused = process(*args)
+    assert refused.exit_code == 1
+    assert refused.stderr == f"{f}:7: {message}\nError: 1 input problem(s); nothing was generated\n"
+    assert len(counted["checks"]) == 1  # the same report as a first run's
+    assert (tmp_path / "p.out.jsonl").read_bytes() == before
+
+
+def test_an_appended_input_whose_recorded_ids_are_gone_is_checked_in_full(
+    tmp_path, tiny_model, counted
+):
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(4))
+    args = [str(f), "-m", tiny_model, *ARGS, "-q"]
+    assert process(*args).exit_code == 0
+    with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
+        db.execute("UPDATE meta SET value = x'00ff' WHERE name = 'input_ids'")
+    counted["checks"].clear()
+    with open(f, "a", encoding="utf-8") as appending:
+        appending.write(json.dumps({"id": "r1", "prompt": "an old id again"}) + "\n")
+    refused = process(*args)
+    assert refused.exit_code == 1 and "duplicate id 'r1'" in refused.stderr
+    assert len(counted["checks"]) == 1
 
 
 def test_an_append_to_a_last_line_without_a_newline_reads_every_line(tmp_path, tiny_model, counted):

@@ -2,21 +2,22 @@
 
 `check_inputs` reads every row, validates it against the record schemas (and the user's
 schema), checks templates and constraints, and raises InputProblems listing everything wrong.
+`check_appended` checks only the lines appended to a file that passed before (resume.py).
 `iter_requests` streams the same rows again for the run. Nothing here loads a model.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from mlxbatch.jobs.spec import JobSpec, read_schema_file
 from mlxbatch.pipeline import constrain
 from mlxbatch.pipeline.read import check_readable, input_format, parquet_columns, read_rows
 from mlxbatch.pipeline.render import TemplateError, render_text, template_fields
 from mlxbatch.pipeline.validate import ValidationContext, detect_kind, validate_rows
-from mlxbatch.records import TEMPLATE, InputProblems, Problem, Request
+from mlxbatch.records import TEMPLATE, InputProblems, Problem, Request, SourceRow
 
 
 @dataclass
@@ -24,6 +25,8 @@ class InputCheck:
     kind: str
     requests: int
     tasks: int
+    # Every row's id as the duplicate check compares them, when the check read them all.
+    ids: list[str] | None = field(default=None, repr=False)
 
 
 def _validation_context(spec: JobSpec, kind: str, problems_cap: int = 50) -> ValidationContext:
@@ -78,8 +81,32 @@ def check_inputs(spec: JobSpec, *, problems_cap: int = 50) -> InputCheck:
             raise InputProblems(
                 [Problem(spec.input, None, f"column(s) {names} used by the template are missing")]
             )
+    requests, tasks = _count_requests(spec, kind, read_rows(spec.input), ctx)
+    if ctx.total_problems:
+        raise InputProblems(ctx.problems, ctx.total_problems)
+    return InputCheck(kind=kind, requests=requests, tasks=tasks, ids=list(ctx.seen_ids))
+
+
+def check_appended(
+    spec: JobSpec, kind: str, after: tuple[int, int], ids: list[str]
+) -> InputCheck | None:
+    """The check of a JSONL file whose bytes up to `after` = (offset, lines) passed a check
+    with row ids `ids`: only the lines after them are read. Counts and ids are those of the
+    new lines; None if any is wrong or repeats an old id (a full check then says what)."""
+    ctx = _validation_context(spec, kind, problems_cap=1)
+    ctx.seen_ids = dict.fromkeys(ids, 0)
+    requests, tasks = _count_requests(spec, kind, read_rows(spec.input, after=after), ctx)
+    if ctx.total_problems:
+        return None
+    return InputCheck(kind=kind, requests=requests, tasks=tasks, ids=list(ctx.seen_ids)[len(ids) :])
+
+
+def _count_requests(
+    spec: JobSpec, kind: str, rows: Iterable[SourceRow], ctx: ValidationContext
+) -> tuple[int, int]:
+    """(requests, tasks) among `rows`; every problem is reported into `ctx`."""
     requests = tasks = 0
-    for request in validate_rows(read_rows(spec.input), ctx):
+    for request in validate_rows(rows, ctx):
         requests += 1
         tasks += request.params.n
         if kind == TEMPLATE and spec.template:
@@ -87,9 +114,7 @@ def check_inputs(spec: JobSpec, *, problems_cap: int = 50) -> InputCheck:
                 render_text(spec.template, request.fields or {})
             except TemplateError as e:
                 ctx.report(Problem(spec.input, request.line, str(e)))
-    if ctx.total_problems:
-        raise InputProblems(ctx.problems, ctx.total_problems)
-    return InputCheck(kind=kind, requests=requests, tasks=tasks)
+    return requests, tasks
 
 
 def check_output_path(path: str) -> None:

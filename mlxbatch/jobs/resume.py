@@ -2,19 +2,22 @@
 
 An input's fingerprint digests its bytes and, apart, its settings: everything in the JobSpec
 but how the run goes (paths, windows, batch sizes, stopping), the schema files it names and
-mlxbatch's version. The store keeps the last passed check under both, so a resume of an
-unchanged input does not validate a million rows again. The manifest is kept under the
-settings, the tokenizer and model (render.render_identity) and the bytes it was written for:
-when they match, or the input has only grown by lines appended to them (plain JSONL, the
-nightly case), the rows whose every sample has a successful result are not even parsed; the
-run reads only the rest (`ResumePoint.skip`), numbered after them. Which those are is looked
-up only outside the spans of seqs each window recorded as done (Store.record_done).
+mlxbatch's version. The store keeps the last passed check under both, with every row's id, so
+a resume of an unchanged input does not validate a million rows again, and a JSONL input only
+appended to has only its new lines checked (their ids against those recorded).
+
+The manifest is kept under the settings, the tokenizer and model (render.render_identity) and
+the bytes it was written for: when they match, or the input has only grown by lines appended
+to them (plain JSONL, the nightly case), the rows whose every sample has a successful result
+are not even parsed; the run reads only the rest (`ResumePoint.skip`), numbered after them.
+Which those are is looked up only outside the spans of seqs each window recorded as done
+(Store.record_done).
 
 Other settings, another model, or an input edited anywhere but at its end get neither: the full
 check runs and the manifest is written again (the store's `rendered` table still spares
-re-rendering). A grown input is checked in full too. Nothing here loads a model or decides what
-to generate. Not guarded against: a store last run by a version of mlxbatch from before these
-records, under other settings, after this version ran it.
+re-rendering). Nothing here loads a model or decides what to generate. Not guarded against: a
+store last run by a version of mlxbatch from before these records, under other settings,
+after this version ran it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 
 from mlxbatch import __version__
-from mlxbatch.jobs.inputs import InputCheck
+from mlxbatch.jobs.inputs import InputCheck, check_appended
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreError
 
@@ -42,12 +46,14 @@ _CHUNK = 1 << 20
 @dataclass(frozen=True)
 class Fingerprint:
     """`settings`: a digest of what the input's rows mean besides their bytes; `content`: of
-    its `size` bytes. `appendable`: plain JSONL, whose first lines survive an append."""
+    its `size` bytes, which hold `lines` newlines. `appendable`: plain JSONL, whose first
+    lines survive an append."""
 
     settings: str
     content: str
     size: int
     appendable: bool
+    lines: int = 0
 
 
 def input_fingerprint(spec: JobSpec) -> Fingerprint | None:
@@ -67,26 +73,30 @@ def input_fingerprint(spec: JobSpec) -> Fingerprint | None:
     if content is None:
         return None
     appendable = spec.input.lower().endswith((".jsonl", ".json", ".ndjson"))
-    return Fingerprint(digest.hexdigest(), content, size, appendable)
+    return Fingerprint(digest.hexdigest(), content[0], size, appendable, content[1])
 
 
-def content_digest(path: str, size: int) -> str | None:
-    """A digest of the first `size` bytes of `path`; None if it cannot read them all."""
+def content_digest(path: str, size: int) -> tuple[str, int] | None:
+    """A digest of the first `size` bytes of `path`, and how many newlines they hold; None
+    if it cannot read them all."""
     digest = hashlib.blake2b(digest_size=20)
+    lines = 0
     try:
         with open(path, "rb") as f:
             left = size
             while left and (chunk := f.read(min(_CHUNK, left))):
                 digest.update(chunk)
+                lines += chunk.count(b"\n")
                 left -= len(chunk)
     except OSError:
         return None
-    return digest.hexdigest() if not left else None
+    return (digest.hexdigest(), lines) if not left else None
 
 
 def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck | None:
-    """The check a run over this very input already passed, from the store; else None (and
-    always None with --fresh, which ignores the store)."""
+    """The check a run over this very input already passed, from the store; for a JSONL file
+    only appended to since, that check and one of the new lines. Else None (and always None
+    with --fresh, which ignores the store)."""
     if spec.fresh or fingerprint is None or not os.path.exists(spec.store_path):
         return None
     try:
@@ -95,22 +105,51 @@ def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck
         return None  # a damaged store is dealt with when the run opens it
     try:
         recorded = _json_object(store.meta("input_check"))
+        key = recorded.get("fingerprint")
+        if key == _check_key(fingerprint):
+            return InputCheck(recorded["kind"], recorded["requests"], recorded["tasks"])
+        grown = (
+            isinstance(key, list)
+            and len(key) == 3
+            and key[0] == fingerprint.settings
+            and isinstance(recorded.get("lines"), int)
+            and _grown_from(key[2], key[1], spec.input, fingerprint)
+        )
+        ids = _decoded_ids(store.meta("input_ids")) if grown else None
     except StoreError:  # a store from before `meta`
         return None
     finally:
         store.close()
-    if recorded.get("fingerprint") != _check_key(fingerprint):
+    if ids is None or not isinstance(key, list):
         return None
-    return InputCheck(kind=recorded["kind"], requests=recorded["requests"], tasks=recorded["tasks"])
+    new = check_appended(spec, recorded["kind"], (key[2], recorded["lines"]), ids)
+    if new is None:
+        return None
+    requests, tasks = recorded["requests"] + new.requests, recorded["tasks"] + new.tasks
+    return InputCheck(recorded["kind"], requests, tasks, ids=ids + (new.ids or []))
 
 
 def record_check(store: Store, check: InputCheck, fingerprint: Fingerprint | None) -> None:
-    if fingerprint is not None:
-        recorded = {"fingerprint": _check_key(fingerprint), **vars(check)}
-        store.set_meta("input_check", json.dumps(recorded))
+    """Keep a check this run made (not one reused as it was), with its rows' ids."""
+    if fingerprint is None or check.ids is None:
+        return
+    recorded = {"fingerprint": _check_key(fingerprint), "kind": check.kind,
+                "requests": check.requests, "tasks": check.tasks,
+                "lines": fingerprint.lines}  # fmt: skip
+    ids = zlib.compress(json.dumps(check.ids).encode(), 1)
+    store.set_meta({"input_check": json.dumps(recorded), "input_ids": ids})
+    check.ids = None  # a million ids are ~70 MB
 
 
-def _json_object(text: str | None) -> dict:
+def _decoded_ids(blob: str | bytes | None) -> list[str] | None:
+    try:
+        ids = json.loads(zlib.decompress(blob)) if isinstance(blob, bytes) else None
+    except (zlib.error, ValueError):
+        return None
+    return ids if isinstance(ids, list) else None
+
+
+def _json_object(text: str | bytes | None) -> dict:
     """A meta value as the dict this version writes; {} for anything else."""
     try:
         value = json.loads(text or "{}")
@@ -158,7 +197,7 @@ def resume_point(
         store.restart_manifest(json.dumps(current))
         return None
     if written != current:
-        store.set_meta("manifest", json.dumps(current))
+        store.set_meta({"manifest": json.dumps(current)})
     last_line, next_seq = store.manifest_extent()
     redo = store.manifest_requests_to_redo()
     return ResumePoint(
@@ -173,17 +212,18 @@ def _describes_start(written: dict, current: dict, path: str, fingerprint: Finge
     """Whether a manifest written for `written` holds the first requests of the input now."""
     if any(written.get(k) != current[k] for k in ("settings", "identity")):
         return False
-    size = written.get("size")
-    if size == current["size"]:
+    if written.get("size") == current["size"]:
         return bool(written.get("content") == current["content"])
-    # Grown by appending: the bytes it was written for, whole lines, are still the file's start.
-    return (
-        fingerprint.appendable
-        and isinstance(size, int)
-        and 0 < size < current["size"]
-        and _ends_a_line(path, size)
-        and content_digest(path, size) == written.get("content")
-    )
+    return _grown_from(written.get("size"), written.get("content"), path, fingerprint)
+
+
+def _grown_from(size: object, content: object, path: str, fingerprint: Fingerprint) -> bool:
+    """Whether the input is a file of `size` bytes digesting to `content`, whole lines, with
+    lines appended."""
+    if not (fingerprint.appendable and isinstance(size, int) and 0 < size < fingerprint.size):
+        return False
+    start = content_digest(path, size) if _ends_a_line(path, size) else None
+    return start is not None and start[0] == content
 
 
 def _ends_a_line(path: str, size: int) -> bool:

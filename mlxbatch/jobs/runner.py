@@ -1,13 +1,14 @@
 """run_job(spec): read -> validate -> render -> plan -> generate -> store -> export, in one place.
 
 The input is checked in full before the model loads (`check_inputs`; a resume of an unchanged
-input reuses the check its store recorded, and neither it nor a run over an appended-to input
-reads its done rows again: resume.py), then streamed a window of rows at a time: rendered to
-keyed tasks, filtered against the store (only keys without a result are generated), sorted by
-length, generated, and committed one batch per transaction. SIGINT/SIGTERM, and a `--deadline`
-reached, stop generation at the next step; finished work is committed and exported. Each
-run's provenance goes into the store and `<output>.manifest.json`; on macOS a power assertion
-(jobs/power.py) keeps the machine awake while the model loads and runs.
+input reuses the check its store recorded, a run over an appended-to JSONL input checks only
+the new lines, and neither reads its done rows again: resume.py), then streamed a window of
+rows at a time: rendered to keyed tasks, filtered against the store (only keys without a
+result are generated), sorted by length, generated, and committed one batch per transaction.
+SIGINT/SIGTERM, and a `--deadline` reached, stop generation at the next step; finished work
+is committed and exported. Each run's provenance goes into the store and
+`<output>.manifest.json`; on macOS a power assertion (jobs/power.py) keeps the machine awake
+while the model loads and runs.
 """
 
 from __future__ import annotations

@@ -240,15 +240,16 @@ class Store:
 
     # -- meta ------------------------------------------------------------------------------
 
-    def meta(self, name: str) -> str | None:
+    def meta(self, name: str) -> str | bytes | None:
         with self._sqlite_errors():
             row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
-    def set_meta(self, name: str, value: str) -> None:
-        with self._sqlite_errors():
+    def set_meta(self, values: dict[str, str | bytes]) -> None:
+        """Set these names' values in one transaction."""
+        with self._sqlite_errors(), self._transaction():
             self._write_fault("set_meta")
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
     # -- runs --------------------------------------------------------------------------------
 

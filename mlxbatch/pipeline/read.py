@@ -43,13 +43,16 @@ def check_readable(path: str) -> Problem | None:
     return None
 
 
-def read_rows(path: str, skip: Callable[[int], bool] | None = None) -> Iterator[SourceRow]:
+def read_rows(
+    path: str, skip: Callable[[int], bool] | None = None, after: tuple[int, int] = (0, 0)
+) -> Iterator[SourceRow]:
     """Yield every row of `path` in file order, but those whose line (row) number `skip`
-    is true for: they are not parsed at all (a resumed run's done rows)."""
+    is true for: they are not parsed at all (a resumed run's done rows). `after` = (offset,
+    lines): a plain JSONL file is read from that byte offset, which ends line `lines`."""
     if input_format(path) == "parquet":
         yield from _read_parquet(path, skip)
     else:
-        yield from _read_jsonl(path, skip)
+        yield from _read_jsonl(path, skip, after)
 
 
 def _open_binary(path: str) -> IO[bytes]:
@@ -58,11 +61,15 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _read_jsonl(path: str, skip: Callable[[int], bool] | None) -> Iterator[SourceRow]:
-    number = 0
+def _read_jsonl(
+    path: str, skip: Callable[[int], bool] | None, after: tuple[int, int]
+) -> Iterator[SourceRow]:
+    offset, lines = after
+    number = lines
     try:
         with _open_binary(path) as f:
-            for number, raw in enumerate(f, start=1):
+            f.seek(offset)
+            for number, raw in enumerate(f, start=lines + 1):
                 if skip is not None and skip(number):
                     continue
                 if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -50,6 +50,7 @@ class ValidationContext:
     model_names: frozenset[str] | None = None
     problems: list[Problem] = field(default_factory=list)
     total_problems: int = 0
+    seen_ids: dict[str, int] = field(default_factory=dict)  # each row id -> its first line
 
     def report(self, problem: Problem) -> None:
         self.total_problems += 1
@@ -113,7 +114,7 @@ def validate_rows(
         yield from _requests_of_checked(rows, ctx)
         return
     validators = _validators(ctx.user_schema)
-    seen_ids: dict[str, int] = {}
+    seen_ids = ctx.seen_ids
     for row in rows:
         request = _validate_row(row, ctx, validators)
         if request is None:
