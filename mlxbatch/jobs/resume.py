@@ -136,8 +136,10 @@ def record_check(store: Store, check: InputCheck, fingerprint: Fingerprint | Non
     recorded = {"fingerprint": _check_key(fingerprint), "kind": check.kind,
                 "requests": check.requests, "tasks": check.tasks,
                 "lines": fingerprint.lines}  # fmt: skip
-    ids = zlib.compress(json.dumps(check.ids).encode(), 1)
-    store.set_meta({"input_check": json.dumps(recorded), "input_ids": ids})
+    values: dict[str, str | bytes] = {"input_check": json.dumps(recorded)}
+    if fingerprint.appendable:  # only a file that can grow by lines needs them
+        values["input_ids"] = zlib.compress(json.dumps(check.ids).encode(), 1)
+    store.set_meta(values)
     check.ids = None  # a million ids are ~70 MB
 
 
