@@ -124,6 +124,9 @@ def test_parquet_rows_that_are_done_are_not_converted(tmp_path, tiny_model, monk
     assert process(*common, "-o", str(out)).exit_code == 0
     assert converted == todo and len(todo) < 10
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    with sqlite3.connect(store) as db:  # a Parquet file does not grow by lines: no ids kept
+        names = {name for (name,) in db.execute("SELECT name FROM meta")}
+    assert names == {"input_check", "manifest"}
 
 
 def test_an_edited_input_is_checked_again_and_read_in_full(tmp_path, tiny_model, counted):
