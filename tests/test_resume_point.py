@@ -23,9 +23,10 @@ ARGS = ["--max-tokens", "3", "--batch-size", "2", "--window", "4"]
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Lines parsed from JSONL and input checks run, while the test runs."""
-    seen: dict[str, list] = {"parsed": [], "checks": []}
-    parse_line, check_inputs = read._parse_line, runner.check_inputs
+    """Lines parsed from JSONL, lines skipped unparsed and input checks run, while the test
+    runs."""
+    seen: dict[str, list] = {"parsed": [], "checks": [], "skipped": []}
+    parse_line, check_inputs, skip = read._parse_line, runner.check_inputs, resume.ResumePoint.skip
 
     def parsing(number, raw):
         seen["parsed"].append(number)
@@ -35,8 +36,15 @@ def counted(monkeypatch):
         seen["checks"].append(spec.input)
         return check_inputs(spec)
 
+    def skipping(point, line):
+        skipped = skip(point, line)
+        if skipped:
+            seen["skipped"].append(line)
+        return skipped
+
     monkeypatch.setattr(read, "_parse_line", parsing)
     monkeypatch.setattr(runner, "check_inputs", checking)
+    monkeypatch.setattr(resume.ResumePoint, "skip", skipping)
     return seen
 
 
@@ -87,10 +95,13 @@ def test_a_resume_parses_only_the_rows_left_to_do_and_checks_nothing(tmp_path, t
     assert sorted(set(counted["parsed"])) == todo
     assert counted["checks"] == []  # the killed run (a subprocess) recorded its check
     assert out.read_bytes() == expected
+    assert 0 < len(counted["skipped"]) < len(rows)
     counted["parsed"].clear()
+    counted["skipped"].clear()
     again = process(str(tmp_path / "p.jsonl"), "-o", str(out), "-m", tiny_model, *ARGS)
     assert generated_count(again.stderr) == (14, 14)
     assert counted["parsed"] == [] and counted["checks"] == []
+    assert counted["skipped"] == []  # all done: not a line is read
 
 
 def test_samples_keep_their_numbers_when_a_row_is_read_again(tmp_path, tiny_model, counted):
@@ -115,8 +126,8 @@ def test_parquet_rows_that_are_done_are_not_converted(tmp_path, tiny_model, monk
     converted = []
     read_rows = inputs.read_rows
 
-    def reading(path, skip=None):
-        for row in read_rows(path, skip):
+    def reading(path, skip=None, after=(0, 0)):
+        for row in read_rows(path, skip, after):
             converted.append(row.line)
             yield row
 
@@ -206,6 +217,7 @@ def test_lines_appended_are_the_only_lines_a_grown_input_reads_again(tmp_path, t
     assert generated_count(grown.stderr) == (9, 6)
     assert counted["checks"] == []  # no full check: only the new lines are checked
     assert sorted(counted["parsed"]) == [7, 7, 8, 8, 9, 9]  # by that check, then by the run
+    assert counted["skipped"] == []  # lines 1-6 are not even read past: all done
     assert (tmp_path / "p.out.jsonl").read_bytes() == expected
     counted["parsed"].clear()
     with open(f, "a", encoding="utf-8") as appending:  # and again, from the new record
@@ -286,3 +298,19 @@ def test_a_store_whose_records_cannot_be_used_is_checked_and_read_in_full(
     assert generated_count(again.stderr) == (3, 3)
     assert len(counted["checks"]) == 1
     assert sorted(counted["parsed"]) == [1, 1, 1, 2, 2, 3, 3]
+
+
+def test_rows_past_the_manifest_are_read_though_all_before_them_are_done(
+    tmp_path, tiny_model, counted
+):
+    """A run stopped between windows: its manifest ends before the file does."""
+    f = write_jsonl(tmp_path / "p.jsonl", prompts(8))
+    args = [str(f), "-m", tiny_model, *ARGS, "-q"]
+    assert process(*args).exit_code == 0
+    expected = (tmp_path / "p.out.jsonl").read_bytes()
+    with sqlite3.connect(tmp_path / "p.out.jsonl.mlxbatch.sqlite") as db:
+        db.execute("DELETE FROM manifest WHERE line > 4")  # as if the second window never began
+    counted["parsed"].clear()
+    assert process(*args).exit_code == 0
+    assert sorted(counted["parsed"]) == [5, 6, 7, 8]
+    assert (tmp_path / "p.out.jsonl").read_bytes() == expected

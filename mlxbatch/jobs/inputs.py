@@ -124,9 +124,12 @@ def check_output_path(path: str) -> None:
 
 
 def iter_requests(
-    spec: JobSpec, kind: str, skip: Callable[[int], bool] | None = None
+    spec: JobSpec,
+    kind: str,
+    skip: Callable[[int], bool] | None = None,
+    after: tuple[int, int] = (0, 0),
 ) -> Iterator[Request]:
     """The validated requests, streamed again (check_inputs has already passed), but those on
-    lines that `skip` is true for."""
-    rows = read_rows(spec.input, skip)
+    lines that `skip` is true for, or before `after` (read_rows)."""
+    rows = read_rows(spec.input, skip, after)
     return validate_rows(rows, _validation_context(spec, kind), checked=True)

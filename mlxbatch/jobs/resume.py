@@ -112,8 +112,8 @@ def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck
             isinstance(key, list)
             and len(key) == 3
             and key[0] == fingerprint.settings
-            and isinstance(recorded.get("lines"), int)
-            and _grown_from(key[2], key[1], spec.input, fingerprint)
+            and (lines := _grown_from(key[2], key[1], spec.input, fingerprint)) is not None
+            and lines == recorded.get("lines")
         )
         ids = _decoded_ids(store.meta("input_ids")) if grown else None
     except StoreError:  # a store from before `meta`
@@ -171,13 +171,15 @@ class ResumePoint:
 
     Requests on lines up to `last_line` keep their numbers: those in `redo` (line -> first
     seq) are read again, the others are done and skipped. Lines after it are numbered from
-    `next_seq`. `done_tasks` counts the skipped tasks.
+    `next_seq`. `done_tasks` counts the skipped tasks. `after` = (offset, lines): when every
+    line before that byte offset is done, reading starts there.
     """
 
     last_line: int
     next_seq: int
     done_tasks: int
     redo: dict[int, int] = field(default_factory=dict)
+    after: tuple[int, int] = (0, 0)
 
     def skip(self, line: int) -> bool:
         return line <= self.last_line and line not in self.redo
@@ -195,37 +197,42 @@ def resume_point(
     current = {"settings": fingerprint.settings, "identity": identity.hex(),
                "content": fingerprint.content, "size": fingerprint.size}  # fmt: skip
     written = _json_object(store.meta("manifest"))
-    if fresh or not _describes_start(written, current, path, fingerprint):
+    lines = None if fresh else _written_lines(written, current, path, fingerprint)
+    if lines is None:
         store.restart_manifest(json.dumps(current))
         return None
     if written != current:
         store.set_meta({"manifest": json.dumps(current)})
     last_line, next_seq = store.manifest_extent()
     redo = store.manifest_requests_to_redo()
+    # The manifest ends at the written bytes' last line and all of it is done: skip past it.
+    past = not redo and last_line == lines and fingerprint.appendable
     return ResumePoint(
         last_line=last_line,
         next_seq=next_seq,
         done_tasks=next_seq - sum(n for _, _, n in redo),
         redo={line: seq for line, seq, _ in redo},
+        after=(written["size"], lines) if past else (0, 0),
     )
 
 
-def _describes_start(written: dict, current: dict, path: str, fingerprint: Fingerprint) -> bool:
-    """Whether a manifest written for `written` holds the first requests of the input now."""
+def _written_lines(written: dict, current: dict, path: str, fingerprint: Fingerprint) -> int | None:
+    """If a manifest written for `written` holds the first requests of the input now, how
+    many lines the bytes it was written for hold; else None."""
     if any(written.get(k) != current[k] for k in ("settings", "identity")):
-        return False
+        return None
     if written.get("size") == current["size"]:
-        return bool(written.get("content") == current["content"])
+        return fingerprint.lines if written.get("content") == current["content"] else None
     return _grown_from(written.get("size"), written.get("content"), path, fingerprint)
 
 
-def _grown_from(size: object, content: object, path: str, fingerprint: Fingerprint) -> bool:
-    """Whether the input is a file of `size` bytes digesting to `content`, whole lines, with
-    lines appended."""
+def _grown_from(size: object, content: object, path: str, fingerprint: Fingerprint) -> int | None:
+    """If the input is a file of `size` bytes digesting to `content`, whole lines, with lines
+    appended: how many lines those bytes hold. Else None."""
     if not (fingerprint.appendable and isinstance(size, int) and 0 < size < fingerprint.size):
-        return False
+        return None
     start = content_digest(path, size) if _ends_a_line(path, size) else None
-    return start is not None and start[0] == content
+    return start[1] if start is not None and start[0] == content else None
 
 
 def _ends_a_line(path: str, size: int) -> bool:

@@ -63,7 +63,10 @@ def task_windows(
         identity = render_identity(engine.tokenizer, **options) if store_path is not None else b""
     # The run's own connection holds the store in WAL mode, so this one reads what it commits.
     store = Store(store_path, create=False, read_only=True) if store_path is not None else None
-    requests = iter_requests(spec, kind, resume.skip if resume is not None else None)
+    if resume is not None:
+        requests = iter_requests(spec, kind, resume.skip, resume.after)
+    else:
+        requests = iter_requests(spec, kind)
     seq = resume.next_seq if resume is not None else 0
     try:
         for window in _windows(requests, spec.window):
