@@ -59,9 +59,10 @@ def run_cli(inp: Path, model: str, window: int, kill_at: int | None = None) -> d
         if pid:
             break
         if kill_at is not None and stored_results(store) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            killed = True
+            # os.kill, not proc.send_signal: that polls, reaping a run that just ended itself.
+            os.kill(proc.pid, signal.SIGKILL)  # a run that ended is a zombie until wait4
             _, status, usage = os.wait4(proc.pid, 0)
+            killed = os.WIFSIGNALED(status)
             break
         time.sleep(0.5)
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -157,3 +157,41 @@ def test_scale_appends_a_percent_and_the_nightly_run_generates_only_those(tiny_m
     nightly = result["nightly_stats"]
     assert (nightly["ok"], nightly["cached"], nightly["rows"]) == (4, 400, 404)
     assert nightly["first_generation_after"] > 0
+
+
+def test_scale_run_ending_as_its_kill_point_is_reached_is_not_counted_killed(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The run ends on its own between the harness's last look and its SIGKILL."""
+    import time
+
+    from benchmarks import scale
+
+    def ended_unreaped(store):
+        # Wait until the child has exited, leaving it for run_cli to reap; then report "done".
+        try:
+            while os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                time.sleep(0.05)
+        except ChildProcessError:  # reaped already: run_cli's last count
+            pass
+        return 10**9
+
+    inp = tmp_path / "rows.jsonl"
+    scale.write_rows(inp, 20)
+    monkeypatch.setattr(scale, "stored_results", ended_unreaped)
+    monkeypatch.setattr(os, "wait4", _first_look_not_ended(os.wait4))
+    run = scale.run_cli(inp, tiny_model, 10_000, kill_at=18)
+    assert run["killed"] is False
+
+
+def _first_look_not_ended(wait4):
+    """os.wait4 whose first WNOHANG look says the child is still running."""
+    looks = []
+
+    def waiting(pid, options):
+        if options & os.WNOHANG and not looks:
+            looks.append(pid)
+            return 0, 0, None
+        return wait4(pid, options)
+
+    return waiting
