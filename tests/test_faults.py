@@ -237,11 +237,14 @@ def test_disk_full_at_every_write_keeps_the_old_output_and_resumes(tmp_path, tin
         "store:add_manifest",
         "store:record_done",
         "store:put_results",
+        "copy:out.jsonl",
         "line:out.jsonl",
         "fsync:out.jsonl",
         "store:end_run",
     } <= set(kinds)
-    assert kinds["store:put_results"] == 1 and kinds["line:out.jsonl"] == len(rows)
+    # The first run's 6 lines are final: they are copied whole, and only the new ones written.
+    assert kinds["store:put_results"] == 1 and kinds["copy:out.jsonl"] == 1
+    assert kinds["line:out.jsonl"] == len(rows) - 6
 
 
 def test_disk_full_writing_parquet_keeps_the_old_file(tmp_path, tiny_model):
@@ -409,12 +412,15 @@ def assert_damage_reported(
 
     `at_open`: the damage is found when the store opens (SQLite's integrity check), so --fresh
     moves the file aside; damage inside row text is found when the rows are read, and --fresh
-    then drops those rows instead.
+    then drops those rows instead. A finished job's process run reads no row it exported as
+    final (jobs/output_prefix.py): it finds no damage there and leaves the output as it is.
     """
     message = f"Error: {store}: the store is damaged ({why}); {DAMAGED}\n"
-    commands = [args, ["export", str(out), "--to", str(out.parent / "x.jsonl")]]
+    commands = [["export", str(out), "--to", str(out.parent / "x.jsonl")]]
     if at_open:  # status reads no row text
-        commands.append(["status", str(out)])
+        commands += [args, ["status", str(out)]]
+    else:
+        assert invoke(args).exit_code == 0
     for cmd in commands:
         result = invoke(cmd)
         assert (result.exit_code, result.stderr) == (1, message)

@@ -137,7 +137,7 @@ def test_parquet_rows_that_are_done_are_not_converted(tmp_path, tiny_model, monk
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
     with sqlite3.connect(store) as db:  # a Parquet file does not grow by lines: no ids kept
         names = {name for (name,) in db.execute("SELECT name FROM meta")}
-    assert names == {"input_check", "manifest"}
+    assert names == {"input_check", "manifest", "export"}
 
 
 def test_an_edited_input_is_checked_again_and_read_in_full(tmp_path, tiny_model, counted):

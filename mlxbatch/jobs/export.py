@@ -10,6 +10,7 @@ OSError naming it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from mlxbatch.jobs.atomic import write_atomic, write_lines_atomic
 from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.output_prefix import kept_prefix
 from mlxbatch.jobs.store import ExportRow, Store
 from mlxbatch.records import SourceRow
 
@@ -118,35 +120,72 @@ def _finished(rows: Iterable[ExportRow]) -> Iterator[ExportRow]:
     return (r for r in rows if r.finish_reason is not None)
 
 
-def export_jsonl(store: Store, output: str, errors: str, *, openai_model: str | None) -> int:
-    """Write JSONL output (mlxbatch or OpenAI shape) and the errors file; return lines written."""
+def export_jsonl(
+    store: Store, output: str, errors: str, *, openai_model: str | None, keep: bool = False
+) -> int:
+    """Write JSONL output (mlxbatch or OpenAI shape) and the errors file; return lines written.
+
+    With `keep` (the run that holds the store), the output's leading lines that the store
+    recorded as final are copied from the published file, not written again, and how far
+    the new file's final lines go is recorded (output_prefix.py).
+    """
+    prefix = kept_prefix(store, output, openai_model) if keep else None
     err_lines: list[str] = []
     written = 0
 
-    def lines() -> Iterator[str]:
+    def write(tmp: str) -> None:
         nonlocal written
-        for record, failed in _records(store, openai_model):
-            line = _dumps(record)
-            if failed:
-                err_lines.append(line)
-            written += 1
-            yield line
+        armed = FAULTS.armed()  # the test hook, checked once per file, not per line
+        with open(tmp, "wb") as f:
+            if prefix is not None and prefix.kept:
+                if armed:
+                    FAULTS.check_file_write(f"copy:{output}")
+                _copy_start(output, f, prefix.kept)
+            after = prefix.seq if prefix is not None else -1
+            for record, rows in _records(store, openai_model, after):
+                text = _dumps(record)
+                failed = any(r.finish_reason == "error" or r.error_code is not None for r in rows)
+                if failed:
+                    err_lines.append(text)
+                line = (text + "\n").encode()
+                if prefix is not None:
+                    prefix.add(line, rows[0].seq, rows[-1].seq, not failed)
+                if armed:
+                    FAULTS.check_file_write(f"line:{output}")
+                f.write(line)
+                written += 1
+        if prefix is not None:
+            prefix.record(store)  # before publishing: a failure here leaves the old file
 
-    write_lines_atomic(output, lines())
+    write_atomic(output, write)
     _write_errors(errors, err_lines)
-    return written
+    return written + (prefix.kept_lines if prefix is not None else 0)
 
 
-def _records(store: Store, openai_model: str | None) -> Iterator[tuple[dict, bool]]:
+def _copy_start(path: str, to: Any, size: int) -> None:
+    with open(path, "rb") as f:
+        left = size
+        while left and (chunk := f.read(min(1 << 20, left))):
+            to.write(chunk)
+            left -= len(chunk)
+    if left:
+        raise OSError(errno.EIO, "the output changed while it was copied", path)
+
+
+def _records(
+    store: Store, openai_model: str | None, after: int = -1
+) -> Iterator[tuple[dict, list[ExportRow]]]:
+    """Each output line's record and the manifest rows it is made of, for rows after seq
+    `after`; rows (requests) still pending are left out."""
     if openai_model is None:
-        for row in _finished(store.export_rows()):
-            yield output_record(row), row.error_code is not None or row.finish_reason == "error"
+        for row in _finished(store.export_rows(after)):
+            yield output_record(row), [row]
         return
-    for _, group in groupby(store.export_rows(), key=lambda r: r.line):
+    for _, group in groupby(store.export_rows(after), key=lambda r: r.line):
         rows = list(group)
         if any(r.finish_reason is None for r in rows):
             continue  # a request is written once all its samples are done
-        yield openai_record(rows, openai_model), any(r.finish_reason == "error" for r in rows)
+        yield openai_record(rows, openai_model), rows
 
 
 def _write_errors(path: str, lines: list[str]) -> None:

@@ -30,6 +30,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from mlxbatch import __version__
+from mlxbatch.jobs.file_digest import start_digest
 from mlxbatch.jobs.inputs import InputCheck, check_appended
 from mlxbatch.jobs.spec import JobSpec
 from mlxbatch.jobs.store import Store, StoreError
@@ -40,7 +41,6 @@ RUN_FIELDS = frozenset(
      "batch_size", "prefill_batch_size", "prefix_cache", "ray", "ray_workers", "executor",
      "deadline"}
 )  # fmt: skip
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,8 @@ def input_fingerprint(spec: JobSpec) -> Fingerprint | None:
 def content_digest(path: str, size: int) -> tuple[str, int] | None:
     """A digest of the first `size` bytes of `path`, and how many newlines they hold; None
     if it cannot read them all."""
-    digest = hashlib.blake2b(digest_size=20)
-    lines = 0
-    try:
-        with open(path, "rb") as f:
-            left = size
-            while left and (chunk := f.read(min(_CHUNK, left))):
-                digest.update(chunk)
-                lines += chunk.count(b"\n")
-                left -= len(chunk)
-    except OSError:
-        return None
-    return (digest.hexdigest(), lines) if not left else None
+    start = start_digest(path, size)
+    return (start[0].hexdigest(), start[1]) if start is not None else None
 
 
 def recorded_check(spec: JobSpec, fingerprint: Fingerprint | None) -> InputCheck | None:

@@ -50,14 +50,15 @@ def open_store(spec: JobSpec) -> Store:
         return Store(spec.store_path)
 
 
-def export_outputs(store: Store, spec: JobSpec, kind: str) -> int:
-    """Publish the output (and errors) files from the store."""
+def export_outputs(store: Store, spec: JobSpec, kind: str, *, keep: bool = False) -> int:
+    """Publish the output (and errors) files from the store; `keep`: the run holding the
+    store may keep a JSONL output's final leading lines (export.export_jsonl)."""
     if input_format(spec.output_path) == "parquet":
         rows = read_rows(spec.input)
         from_parquet = spec.input if input_format(spec.input) == "parquet" else None
         return export_parquet(store, spec.output_path, spec.errors_path, rows, from_parquet)
     model = spec.model if kind == OPENAI else None
-    return export_jsonl(store, spec.output_path, spec.errors_path, openai_model=model)
+    return export_jsonl(store, spec.output_path, spec.errors_path, openai_model=model, keep=keep)
 
 
 def _progress(spec: JobSpec, total: int) -> Any:
@@ -131,7 +132,7 @@ def _run(
     def checkpoint() -> None:
         if time.monotonic() - last_export[0] >= spec.checkpoint_every:
             with summary.timing("export_seconds"):
-                export_outputs(store, spec, check.kind)
+                export_outputs(store, spec, check.kind, keep=True)
             last_export[0] = time.monotonic()
 
     previous = {
@@ -192,7 +193,7 @@ def _run(
         )
         store.end_run(run_id, summary.status, stats, prov)
         with summary.timing("export_seconds"):
-            export_outputs(store, spec, check.kind)
+            export_outputs(store, spec, check.kind, keep=True)
         provenance.write_manifest(provenance.manifest_path(spec.output_path), prov)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -89,6 +89,7 @@ class Store:
             self.db.execute("DELETE FROM results")
             self.db.execute("DELETE FROM rendered")
             self.db.execute("DELETE FROM done_spans")
+            self.db.execute("DELETE FROM meta WHERE name = 'export'")  # output_prefix.py
 
     def done_keys(self, keys: Iterable[str]) -> set[str]:
         """The keys among `keys` that already have a successful result."""
@@ -153,7 +154,7 @@ class Store:
             with self._transaction():
                 self.db.execute("DELETE FROM manifest")
                 self.db.execute("DELETE FROM done_spans")
-                self.db.execute("DELETE FROM meta WHERE name = 'manifest'")
+                self.db.execute("DELETE FROM meta WHERE name IN ('manifest', 'export')")
                 if fingerprint is not None:
                     self.db.execute("INSERT INTO meta VALUES ('manifest', ?)", (fingerprint,))
 
@@ -189,14 +190,15 @@ class Store:
             self._write_fault("add_manifest")
             self.db.executemany("INSERT OR REPLACE INTO manifest VALUES (?,?,?,?,?,?,?,?)", rows)
 
-    def export_rows(self) -> Iterator[ExportRow]:
-        """Manifest rows in output order, each with its result if there is one."""
+    def export_rows(self, after: int = -1) -> Iterator[ExportRow]:
+        """Manifest rows after seq `after` in output order, each with its result if any."""
         with self._sqlite_errors():
             cursor = self.db.execute(
                 "SELECT m.seq, m.line, m.id, m.custom_id, m.sample_index, m.n, m.key, m.url, "
                 "r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error_code, "
                 "r.error_message, r.created, r.extra FROM manifest m "
-                "LEFT JOIN results r ON r.key = m.key ORDER BY m.seq"
+                "LEFT JOIN results r ON r.key = m.key WHERE m.seq > ? ORDER BY m.seq",
+                (after,),
             )
             for row in cursor:
                 (seq, line, row_id, custom_id, sample, n, key, url, text, finish, prompt_tokens,
