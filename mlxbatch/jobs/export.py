@@ -3,8 +3,9 @@
 Every file is published atomically (jobs/atomic.py): a reader sees the old file or the new
 one, never half of one. Three output shapes: mlxbatch JSONL records, OpenAI Batch output
 lines (for OpenAI envelope inputs), and Parquet (input columns plus output columns). Failed
-rows also go to `<output>.errors.jsonl`. Rows still pending are left out. Nothing here
-generates. A write that fails (a full disk) leaves the published file as it was and raises
+rows also go to `<output>.errors.jsonl`. Rows still pending are left out. A run's JSONL
+export copies the leading lines it wrote before and that are final (output_prefix.py)
+instead of writing them again. Nothing here generates. A write that fails (a full disk) leaves the published file as it was and raises
 OSError naming it.
 """
 

@@ -10,7 +10,8 @@
   so a resume looks up only the seqs outside them (1M rows: 3.1 s of lookups otherwise).
 - `meta`: the last input check's result (with every row's id) and what the manifest was
   written for, under their fingerprints (jobs/resume.py), so a run over an unchanged or
-  appended-to input skips what is done.
+  appended-to input skips what is done; how far the output's lines are final
+  (output_prefix.py), so an export writes only the lines after them.
 - `runs`: one row per `process` run (settings, stats, provenance), for `mlxbatch status`.
 
 How the file is opened, locked and written durably, and how SQLite's errors are named, is in
