@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import mlxbatch.jobs.export as export
+import mlxbatch.jobs.export_parquet as export_parquet
 from mlxbatch.cli import cli
 from tests.conftest import write_jsonl
 
@@ -25,7 +25,7 @@ def run(tmp_path, model: str, src, *args: str):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(export, "PARQUET_CHUNK", 2)
+    monkeypatch.setattr(export_parquet, "PARQUET_CHUNK", 2)
 
 
 def test_failures_after_the_first_chunk_keep_their_error_columns(

@@ -1,12 +1,12 @@
-"""Store -> output files, published atomically, in input order.
+"""Store -> JSONL output files, published atomically, in input order.
 
 Every file is published atomically (jobs/atomic.py): a reader sees the old file or the new
-one, never half of one. Three output shapes: mlxbatch JSONL records, OpenAI Batch output
-lines (for OpenAI envelope inputs), and Parquet (input columns plus output columns). Failed
-rows also go to `<output>.errors.jsonl`. Rows still pending are left out. A run's JSONL
-export copies the leading lines it wrote before and that are final (output_prefix.py)
-instead of writing them again. Nothing here generates. A write that fails (a full disk) leaves the published file as it was and raises
-OSError naming it.
+one, never half of one. Two JSONL shapes: mlxbatch records and OpenAI Batch output lines (for
+OpenAI envelope inputs); Parquet is export_parquet.py's, from the same records. Failed rows
+also go to `<output>.errors.jsonl`. Rows still pending are left out. A run's export copies the
+leading lines it wrote before and that are final (output_prefix.py) instead of writing them
+again. Nothing here generates. A write that fails (a full disk) leaves the published file as
+it was and raises OSError naming it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ from mlxbatch.jobs.atomic import write_atomic, write_lines_atomic
 from mlxbatch.jobs.faults import FAULTS
 from mlxbatch.jobs.output_prefix import kept_prefix
 from mlxbatch.jobs.store import ExportRow, Store
-from mlxbatch.records import SourceRow
-
-PARQUET_CHUNK = 8192
 
 
-def _dumps(obj: Any) -> str:
+def record_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
 
 
@@ -117,7 +114,7 @@ def legacy_logprobs(logprobs: dict) -> dict:
     }
 
 
-def _finished(rows: Iterable[ExportRow]) -> Iterator[ExportRow]:
+def finished(rows: Iterable[ExportRow]) -> Iterator[ExportRow]:
     return (r for r in rows if r.finish_reason is not None)
 
 
@@ -144,7 +141,7 @@ def export_jsonl(
                 _copy_start(output, f, prefix.kept)
             after = prefix.seq if prefix is not None else -1
             for record, rows in _records(store, openai_model, after):
-                text = _dumps(record)
+                text = record_json(record)
                 failed = any(r.finish_reason == "error" or r.error_code is not None for r in rows)
                 if failed:
                     err_lines.append(text)
@@ -159,7 +156,7 @@ def export_jsonl(
             prefix.record(store)  # before publishing: a failure here leaves the old file
 
     write_atomic(output, write)
-    _write_errors(errors, err_lines)
+    write_errors(errors, err_lines)
     return written + (prefix.kept_lines if prefix is not None else 0)
 
 
@@ -179,7 +176,7 @@ def _records(
     """Each output line's record and the manifest rows it is made of, for rows after seq
     `after`; rows (requests) still pending are left out."""
     if openai_model is None:
-        for row in _finished(store.export_rows(after)):
+        for row in finished(store.export_rows(after)):
             yield output_record(row), [row]
         return
     for _, group in groupby(store.export_rows(after), key=lambda r: r.line):
@@ -189,122 +186,8 @@ def _records(
         yield openai_record(rows, openai_model), rows
 
 
-def _write_errors(path: str, lines: list[str]) -> None:
+def write_errors(path: str, lines: list[str]) -> None:
     if lines:
         write_lines_atomic(path, lines)
     elif os.path.exists(path):
         os.unlink(path)  # a stale errors file from an earlier run would mislead
-
-
-def export_parquet(
-    store: Store,
-    output: str,
-    errors: str,
-    input_rows: Iterable[SourceRow],
-    input_path: str | None = None,
-) -> int:
-    """Write Parquet: each input row's columns plus the output columns, one row per sample.
-
-    The output columns have fixed types, and a Parquet input's columns keep the input's types,
-    so a column that is null all through the first chunk (no failed row yet) does not fix its
-    type as null; other columns' types come from the first chunk.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from_input = pq.read_schema(input_path) if input_path else None
-    inputs = iter(input_rows)
-    current = SourceRow(0, {})
-    err_lines: list[str] = []
-    written = 0
-
-    def records() -> Iterator[dict]:
-        nonlocal current
-        for row in _finished(store.export_rows()):
-            while current.line < row.line:
-                current = next(inputs)
-            record = output_record(row)
-            if row.error_code is not None or row.finish_reason == "error":
-                err_lines.append(_dumps(record))
-            data = current.data if isinstance(current.data, dict) else {}
-            yield {**data, **_flat(record)}
-
-    def write(tmp: str) -> None:
-        nonlocal written
-        writer = None
-        chunk: list[dict] = []
-        for record in records():
-            chunk.append(record)
-            if len(chunk) >= PARQUET_CHUNK:
-                writer = _write_chunk(pa, pq, writer, tmp, chunk, from_input)
-                written += len(chunk)
-                chunk = []
-        if chunk or writer is None:
-            writer = _write_chunk(pa, pq, writer, tmp, chunk, from_input)
-            written += len(chunk)
-        writer.close()
-
-    write_atomic(output, write)
-    _write_errors(errors, err_lines)
-    return written
-
-
-def _flat(record: dict) -> dict:
-    # Parsed values and choice probabilities vary in shape from row to row: JSON text columns.
-    for key in ("parsed", "choice_probs"):
-        if key in record:
-            record[key] = json.dumps(record[key], ensure_ascii=False)
-    usage = record.pop("usage")
-    error = record.pop("error")
-    return {
-        **record,
-        "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"],
-        "error_code": error["code"] if error else None,
-        "error_message": error["message"] if error else None,
-    }
-
-
-# Arrow types of the columns mlxbatch adds (`id` is the input's own, string or integer).
-OUTPUT_TYPES = {
-    "custom_id": "string",
-    "sample_index": "int64",
-    "output": "string",
-    "parsed": "string",
-    "choice_probs": "string",
-    "finish_reason": "string",
-    "prompt_tokens": "int64",
-    "completion_tokens": "int64",
-    "error_code": "string",
-    "error_message": "string",
-}
-
-
-def _schema(pa: Any, chunk: list[dict], from_input: Any) -> Any:
-    """The file's schema: the first chunk's, with fixed output types and the input's types."""
-    fields = []
-    for f in pa.Table.from_pylist(chunk).schema:
-        kind = f.type
-        if f.name in OUTPUT_TYPES:
-            kind = getattr(pa, OUTPUT_TYPES[f.name])()
-        elif from_input is not None and f.name != "id" and f.name in from_input.names:
-            kind = from_input.field(f.name).type
-        fields.append(pa.field(f.name, kind))
-    return pa.schema(fields)
-
-
-def _write_chunk(
-    pa: Any, pq: Any, writer: Any, path: str, chunk: list[dict], from_input: Any = None
-) -> Any:
-    FAULTS.check_file_write(f"parquet:{path}")
-    if writer is None:
-        table = (
-            pa.Table.from_pylist(chunk, schema=_schema(pa, chunk, from_input))
-            if chunk
-            else pa.table({"id": pa.array([], pa.string())})
-        )
-        writer = pq.ParquetWriter(path, table.schema)
-    else:
-        table = pa.Table.from_pylist(chunk, schema=writer.schema)
-    writer.write_table(table)
-    return writer

@@ -24,7 +24,8 @@ from mlxbatch.jobs import provenance, resume
 from mlxbatch.jobs.collector import young_collections_only
 from mlxbatch.jobs.deadline import Deadline
 from mlxbatch.jobs.dispatch import generate_window
-from mlxbatch.jobs.export import export_jsonl, export_parquet
+from mlxbatch.jobs.export import export_jsonl
+from mlxbatch.jobs.export_parquet import export_parquet
 from mlxbatch.jobs.inputs import InputCheck, check_inputs, check_output_path
 from mlxbatch.jobs.power import keep_awake
 from mlxbatch.jobs.ray_executor import RayPool
