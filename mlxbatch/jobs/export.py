@@ -25,8 +25,8 @@ from mlxbatch.jobs.output_prefix import kept_prefix
 from mlxbatch.jobs.store import ExportRow, Store
 
 
-def record_json(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+# One encoder for every record: json.dumps with options builds a new one per call.
+record_json = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 
 def _error(row: ExportRow) -> dict | None:
