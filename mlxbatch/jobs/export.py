@@ -24,7 +24,6 @@ from mlxbatch.jobs.faults import FAULTS
 from mlxbatch.jobs.output_prefix import kept_prefix
 from mlxbatch.jobs.store import ExportRow, Store
 
-
 # One encoder for every record: json.dumps with options builds a new one per call.
 record_json = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
