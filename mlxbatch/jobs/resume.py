@@ -47,13 +47,15 @@ RUN_FIELDS = frozenset(
 class Fingerprint:
     """`settings`: a digest of what the input's rows mean besides their bytes; `content`: of
     its `size` bytes, which hold `lines` newlines. `appendable`: plain JSONL, whose first
-    lines survive an append."""
+    lines survive an append. `starts`: digests of the file's first bytes by size, made once
+    per run (the recorded check and the manifest both ask for the same one)."""
 
     settings: str
     content: str
     size: int
     appendable: bool
     lines: int = 0
+    starts: dict[int, tuple[str, int] | None] = field(default_factory=dict, compare=False)
 
 
 def input_fingerprint(spec: JobSpec) -> Fingerprint | None:
@@ -221,7 +223,9 @@ def _grown_from(size: object, content: object, path: str, fingerprint: Fingerpri
     appended: how many lines those bytes hold. Else None."""
     if not (fingerprint.appendable and isinstance(size, int) and 0 < size < fingerprint.size):
         return None
-    start = content_digest(path, size) if _ends_a_line(path, size) else None
+    if size not in fingerprint.starts:
+        fingerprint.starts[size] = content_digest(path, size) if _ends_a_line(path, size) else None
+    start = fingerprint.starts[size]
     return start[1] if start is not None and start[0] == content else None
 
 
