@@ -195,3 +195,23 @@ def _first_look_not_ended(wait4):
         return wait4(pid, options)
 
     return waiting
+
+
+def test_benchmark_tokenizer_makes_a_workload_word_about_one_token():
+    # The issue's workloads count words ("rows of 20-60 words"); a real tokenizer encodes these
+    # words as ~1.1 tokens each (GPT-2's BPE: 1.10), one that never saw them as ~3.4.
+    import random
+
+    from benchmarks.workloads import _words, tokenizer_corpus
+    from mlxbatch.testing.tiny_model import _build_tokenizer
+
+    rng = random.Random("labelling:0")
+    rows = [_words(rng, 20, 60) for _ in range(64)]
+    words = sum(len(r.split()) for r in rows)
+
+    def per_word(corpus):
+        tokenizer = _build_tokenizer(4096, corpus)
+        return sum(len(tokenizer.encode(r).ids) for r in rows) / words
+
+    assert per_word(tokenizer_corpus()) < 1.2
+    assert per_word(()) > 3  # the tests' own tokenizer, which does not learn them

@@ -2,7 +2,8 @@
 
 What it does: writes ``config.json``, ``model.safetensors`` (random weights, deterministic
 from ``seed``), a byte-level BPE ``tokenizer.json`` trained on a fixed built-in corpus of
-English sentences (plus invented names when ``vocab_size`` needs more merges),
+English sentences (plus invented names when ``vocab_size`` needs more merges, and any
+``corpus`` lines the caller adds, e.g. the text a benchmark will feed it),
 ``tokenizer_config.json`` with a ChatML chat template, ``special_tokens_map.json`` and
 ``generation_config.json``. The result goes through mlx_lm's real loading path, so tests
 and benchmarks exercise the same code as a downloaded checkpoint. Generated text depends on
@@ -10,8 +11,8 @@ the whole context, so batching or cache bugs change it.
 
 What it does not do: produce meaningful text (weights are noise, so expect stray bytes and
 rarely an early EOS), mimic a published tokenizer, quantize, shard weights, or build any
-architecture but Llama. The tokenizer depends only on ``vocab_size``; ``seed`` changes only
-the weights.
+architecture but Llama. The tokenizer depends only on ``vocab_size`` and ``corpus``; ``seed``
+changes only the weights.
 
 CLI: ``python -m mlxbatch.testing.tiny_model OUT_DIR [--hidden-size N ...]``.
 """
@@ -24,6 +25,7 @@ import json
 import os
 import pathlib
 import random
+from collections.abc import Sequence
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD_TOKEN, IM_START, EOS_TOKEN = SPECIAL_TOKENS
@@ -85,7 +87,7 @@ def _corpus(n_names: int, n_sentences: int = 600) -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab_size: int):
+def _build_tokenizer(vocab_size: int, corpus: Sequence[str] = ()):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -97,7 +99,8 @@ def _build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(n_names=max(0, vocab_size - 512)), trainer=trainer)
+    lines = [*corpus, *_corpus(n_names=max(0, vocab_size - 512))]
+    tok.train_from_iterator(lines, trainer=trainer)
     # If merges still run out, pad so every embedding row is a real token id: a random
     # model samples all of them, and detokenizers index by id.
     n_pad = vocab_size - tok.get_vocab_size()
@@ -147,8 +150,10 @@ def build_tiny_model(
     max_position_embeddings: int = 2048,
     dtype: str = "float32",
     seed: int = 0,
+    corpus: Sequence[str] = (),
 ) -> pathlib.Path:
-    """Write a random-weight Llama model with a ChatML BPE tokenizer into ``path``."""
+    """Write a random-weight Llama model with a ChatML BPE tokenizer into ``path``; the
+    tokenizer also learns ``corpus``, so its words become single tokens as in a real one."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
@@ -158,7 +163,7 @@ def build_tiny_model(
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = _build_tokenizer(vocab_size)
+    tok = _build_tokenizer(vocab_size, corpus)
     tok.save(str(path / "tokenizer.json"))
     eos_id = tok.token_to_id(EOS_TOKEN)
 
