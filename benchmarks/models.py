@@ -5,8 +5,8 @@ What it does: names the random-weight model shapes the benchmark uses (`tiny` fo
 `mlxbatch.testing.tiny_model.build_tiny_model` the first time it is asked for, and reuses the
 directory afterwards (a `.complete` marker guards against half-built directories). The
 tokenizer is trained on the workloads' own kind of text too (workloads.tokenizer_corpus), so
-a workload word is about one token, as in the tokenizers of real models; before 2026-12-02e
-it was not, and every word was 3.4 tokens.
+a workload word is about one token, as in the tokenizers of real models; before commit
+708dd06 it was not, and every word was 3.4 tokens.
 
 What it does not do: download checkpoints, quantize, or load the model into memory; the
 contenders load it themselves, each the way its library does.

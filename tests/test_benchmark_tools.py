@@ -198,7 +198,7 @@ def _first_look_not_ended(wait4):
 
 
 def test_benchmark_tokenizer_makes_a_workload_word_about_one_token():
-    # The issue's workloads count words ("rows of 20-60 words"); a real tokenizer encodes these
+    # The workloads count words ("rows of 20-60 words"); a real tokenizer encodes these
     # words as ~1.1 tokens each (GPT-2's BPE: 1.10), one that never saw them as ~3.4.
     import random
 
