@@ -1,60 +1,68 @@
 """Store -> a Parquet output: each input row's columns plus the output columns, one row per sample.
 
 Published atomically like every output (atomic.py); the records and the errors file are those
-of export.py. It does not write JSONL outputs.
+of export.py; a run's export keeps the leading row groups that are final (parquet_prefix.py).
+It does not write JSONL outputs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from mlxbatch.jobs.atomic import write_atomic
 from mlxbatch.jobs.export import finished, output_record, record_json, write_errors
 from mlxbatch.jobs.faults import FAULTS
+from mlxbatch.jobs.parquet_prefix import ParquetPrefix, kept_groups
 from mlxbatch.jobs.store import Store
+from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import SourceRow
 
 PARQUET_CHUNK = 8192
 
 
 def export_parquet(
-    store: Store,
-    output: str,
-    errors: str,
-    input_rows: Iterable[SourceRow],
-    input_path: str | None = None,
+    store: Store, output: str, errors: str, input_path: str, *, keep: bool = False
 ) -> int:
     """Write Parquet: each input row's columns plus the output columns, one row per sample.
 
     The output columns have fixed types, and a Parquet input's columns keep the input's types,
     so a column that is null all through the first chunk (no failed row yet) does not fix its
-    type as null; other columns' types come from the first chunk.
+    type as null; other columns' types come from the first chunk. With `keep` (the run that
+    holds the store), the leading row groups the store recorded as final are copied from the
+    published file, and only the rows after them are built (parquet_prefix.py).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from_input = pq.read_schema(input_path) if input_path else None
-    inputs = iter(input_rows)
+    from_input = pq.read_schema(input_path) if input_format(input_path) == "parquet" else None
+    prefix = _checked(pq, kept_groups(store, output, PARQUET_CHUNK)) if keep else None
+    kept = prefix.kept_rows if prefix is not None else 0
+    after, line = (prefix.kept_seq, prefix.kept_line) if prefix is not None else (-1, 0)
+    # Lines before the last kept row's are not even parsed (its line may have more samples).
+    inputs = read_rows(input_path, (lambda n: n < line) if kept else None)
     current = SourceRow(0, {})
     err_lines: list[str] = []
     written = 0
 
     def records() -> Iterator[dict]:
         nonlocal current
-        for row in finished(store.export_rows()):
+        for row in finished(store.export_rows(after)):
             while current.line < row.line:
                 current = next(inputs)
             record = output_record(row)
-            if row.error_code is not None or row.finish_reason == "error":
+            failed = row.error_code is not None or row.finish_reason == "error"
+            if failed:
                 err_lines.append(record_json(record))
+            if prefix is not None:
+                prefix.add(row.seq, row.line, not failed)
             data = current.data if isinstance(current.data, dict) else {}
             yield {**data, **_flat(record)}
 
     def write(tmp: str) -> None:
         nonlocal written
-        writer = None
+        writer = _copy_groups(pq, output, tmp, kept // PARQUET_CHUNK) if kept else None
         chunk: list[dict] = []
         for record in records():
             chunk.append(record)
@@ -66,10 +74,37 @@ def export_parquet(
             writer = _write_chunk(pa, pq, writer, tmp, chunk, from_input)
             written += len(chunk)
         writer.close()
+        if prefix is not None:
+            prefix.record(store, tmp)  # before publishing: a failure here leaves the old file
 
     write_atomic(output, write)
     write_errors(errors, err_lines)
-    return written
+    return written + kept
+
+
+def _checked(pq: Any, prefix: ParquetPrefix) -> ParquetPrefix:
+    """`prefix`, if the file's leading row groups are whole chunks; an empty one if not."""
+    if not prefix.kept_rows:
+        return prefix
+    try:
+        meta = pq.ParquetFile(prefix.output).metadata
+    except Exception:  # pyarrow raises several kinds for a file it cannot read
+        return ParquetPrefix(prefix.output, prefix.chunk)
+    groups = prefix.kept_rows // prefix.chunk
+    sizes = [meta.row_group(i).num_rows for i in range(min(groups, meta.num_row_groups))]
+    if prefix.kept_rows % prefix.chunk or sizes != [prefix.chunk] * groups:
+        return ParquetPrefix(prefix.output, prefix.chunk)
+    return prefix
+
+
+def _copy_groups(pq: Any, output: str, tmp: str, groups: int) -> Any:
+    """A writer of `tmp` that holds the first `groups` row groups of the published output."""
+    old = pq.ParquetFile(output)
+    writer = pq.ParquetWriter(tmp, old.schema_arrow)
+    for i in range(groups):
+        FAULTS.check_file_write(f"copy:{output}")
+        writer.write_table(old.read_row_group(i))
+    return writer
 
 
 def _flat(record: dict) -> dict:

@@ -34,7 +34,7 @@ from mlxbatch.jobs.store import Store, StoreDamaged
 from mlxbatch.jobs.summary import Committer, RunSummary, peak_rss, run_stats
 from mlxbatch.jobs.windows import ReadAhead, completed_renders, render_options, task_windows
 from mlxbatch.pipeline import plan
-from mlxbatch.pipeline.read import input_format, read_rows
+from mlxbatch.pipeline.read import input_format
 from mlxbatch.records import OPENAI, Result
 
 
@@ -53,11 +53,10 @@ def open_store(spec: JobSpec) -> Store:
 
 def export_outputs(store: Store, spec: JobSpec, kind: str, *, keep: bool = False) -> int:
     """Publish the output (and errors) files from the store; `keep`: the run holding the
-    store may keep a JSONL output's final leading lines (export.export_jsonl)."""
+    store may keep the output's final leading lines or row groups (export.export_jsonl,
+    export_parquet.export_parquet)."""
     if input_format(spec.output_path) == "parquet":
-        rows = read_rows(spec.input)
-        from_parquet = spec.input if input_format(spec.input) == "parquet" else None
-        return export_parquet(store, spec.output_path, spec.errors_path, rows, from_parquet)
+        return export_parquet(store, spec.output_path, spec.errors_path, spec.input, keep=keep)
     model = spec.model if kind == OPENAI else None
     return export_jsonl(store, spec.output_path, spec.errors_path, openai_model=model, keep=keep)
 
