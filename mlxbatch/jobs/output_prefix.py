@@ -51,22 +51,30 @@ class OutputPrefix:
         store.set_meta({"export": json.dumps(value)})
 
 
+def recorded_export(store: Store, output: str, form: list, keys: tuple[str, ...]) -> Any:
+    """(the store's export record for `output` in `form`, its `keys`' values, all ints); None
+    when the record is missing, another output's or format's, or malformed."""
+    try:
+        recorded = json.loads(store.meta("export") or "{}")
+    except (StoreError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("output") != os.path.abspath(output):
+        return None
+    values = [recorded.get(k) for k in keys]
+    if recorded.get("form") != form or not all(isinstance(v, int) for v in values):
+        return None
+    return recorded, values
+
+
 def kept_prefix(store: Store, output: str, openai_model: str | None) -> OutputPrefix:
     """The final lines the store recorded for `output` that the file still starts with; an
     empty prefix when there are none."""
     form = [__version__, openai_model]
     empty = OutputPrefix(output, form)
-    try:
-        recorded = json.loads(store.meta("export") or "{}")
-    except (StoreError, ValueError):
+    found = recorded_export(store, output, form, ("seq", "size", "lines"))
+    if found is None:
         return empty
-    if not isinstance(recorded, dict) or recorded.get("output") != empty.output:
-        return empty
-    seq, size, lines = (recorded.get(k) for k in ("seq", "size", "lines"))
-    if recorded.get("form") != form or not (
-        isinstance(seq, int) and isinstance(size, int) and isinstance(lines, int)
-    ):
-        return empty
+    recorded, (seq, size, lines) = found
     start = start_digest(output, size) if size > 0 else None
     if start is None or start[0].hexdigest() != recorded.get("digest") or start[1] != lines:
         return empty  # the file was changed, replaced or cut since

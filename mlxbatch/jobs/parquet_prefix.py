@@ -19,7 +19,8 @@ import os
 
 from mlxbatch import __version__
 from mlxbatch.jobs.file_digest import start_digest
-from mlxbatch.jobs.store import Store, StoreError
+from mlxbatch.jobs.output_prefix import recorded_export
+from mlxbatch.jobs.store import Store
 
 
 class ParquetPrefix:
@@ -64,18 +65,10 @@ def kept_groups(store: Store, output: str, chunk: int) -> ParquetPrefix:
     """The final row groups the store recorded for `output`, if the file is as it was
     published; an empty prefix otherwise."""
     empty = ParquetPrefix(output, chunk)
-    try:
-        recorded = json.loads(store.meta("export") or "{}")
-    except (StoreError, ValueError):
+    found = recorded_export(store, output, empty.form, ("seq", "line", "rows", "size"))
+    if found is None:
         return empty
-    if not isinstance(recorded, dict) or recorded.get("output") != empty.output:
-        return empty
-    seq, line, rows, size = (recorded.get(k) for k in ("seq", "line", "rows", "size"))
-    if recorded.get("form") != empty.form or not (
-        isinstance(seq, int) and isinstance(line, int) and isinstance(rows, int)
-        and isinstance(size, int)
-    ):  # fmt: skip
-        return empty
+    recorded, (seq, line, rows, size) = found
     try:
         same_size = os.path.getsize(output) == size
     except OSError:
