@@ -6,8 +6,8 @@ result never changes, so those `size` bytes would be written again byte for byte
 export of the same output, in the same format, copies them, once the file is found to still
 start with them, and writes only the lines after: a nightly run over 1,000,000 finished rows
 and 10,000 new ones writes 10,000 lines, not 1,010,000. The manifest written again or the
-results cleared drop the record (store.py). It does not write output files (export.py and
-atomic.py do).
+results cleared drop the record (store.py); `recorded_export` reads it for parquet_prefix.py
+too. It does not write output files (export.py and atomic.py do).
 """
 
 from __future__ import annotations

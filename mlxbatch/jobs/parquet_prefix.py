@@ -6,10 +6,10 @@ succeeded, and a successful result never changes), counted in whole row groups o
 export's chunk size so that the groups fall where a full export puts them, with the file's
 size and digest. The next export of the same output, once the file is found unchanged,
 copies those row groups (read as Arrow tables and written again: pyarrow cannot copy an
-encoded row group) and builds only the rows after them from the store and the input. A
-1,000,000-row output took 11-15 s to write in full. The manifest written again or the
-results cleared drop the record (store.py). It does not build rows or choose the schema
-(export_parquet.py).
+encoded row group) and builds only the rows after them from the store and the input: a
+1,000,000-row output took 11-19 s to write in full, 0.8-0.9 s so. The manifest written again
+or the results cleared drop the record (store.py). It does not build rows or choose the
+schema (export_parquet.py).
 """
 
 from __future__ import annotations
