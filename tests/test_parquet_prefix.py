@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -131,3 +132,24 @@ def test_the_record_goes_with_the_manifest(tmp_path, tiny_model, built):
     run(f, out, tiny_model)
     assert built["seqs"] == [0, 1, 2, 3]
     assert pq.read_table(out).column("id").to_pylist() == ["r3", "r2", "r1", "r0"]
+
+
+def test_a_parquet_input_skips_the_kept_rows_lines(tmp_path, tiny_model, built):
+    def table(n: int) -> pa.Table:
+        rows = prompts(n)
+        return pa.table({"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows]})
+
+    f, out = tmp_path / "p.parquet", tmp_path / "out.parquet"
+    pq.write_table(table(5), f)
+    run(f, out, tiny_model)
+    built["seqs"].clear(), built["lines"].clear()
+    run(f, out, tiny_model)
+    assert built["seqs"] == [4] and built["lines"] == [4, 5]
+    assert_full_export(tmp_path, out, 5)
+    # A Parquet file cannot grow by appended bytes: a new one is read whole (resume.py), its
+    # manifest written again, and the output with it.
+    pq.write_table(table(7), f)
+    built["seqs"].clear()
+    run(f, out, tiny_model)
+    assert built["seqs"] == list(range(7))
+    assert_full_export(tmp_path, out, 7)
