@@ -14,7 +14,7 @@ from typing import Any
 from mlxbatch.jobs.atomic import write_atomic
 from mlxbatch.jobs.export import finished, output_record, record_json, write_errors
 from mlxbatch.jobs.faults import FAULTS
-from mlxbatch.jobs.parquet_prefix import ParquetPrefix, kept_groups
+from mlxbatch.jobs.parquet_prefix import kept_groups
 from mlxbatch.jobs.store import Store
 from mlxbatch.pipeline.read import input_format, read_rows
 from mlxbatch.records import SourceRow
@@ -37,7 +37,7 @@ def export_parquet(
     import pyarrow.parquet as pq
 
     from_input = pq.read_schema(input_path) if input_format(input_path) == "parquet" else None
-    prefix = _checked(pq, kept_groups(store, output, PARQUET_CHUNK)) if keep else None
+    prefix = kept_groups(store, output, PARQUET_CHUNK) if keep else None
     kept = prefix.kept_rows if prefix is not None else 0
     after, line = (prefix.kept_seq, prefix.kept_line) if prefix is not None else (-1, 0)
     # Lines before the last kept row's are not even parsed (its line may have more samples).
@@ -62,7 +62,7 @@ def export_parquet(
 
     def write(tmp: str) -> None:
         nonlocal written
-        writer = _copy_groups(pq, output, tmp, kept // PARQUET_CHUNK) if kept else None
+        writer = _copy_groups(pq, output, tmp, prefix.groups) if prefix and kept else None
         chunk: list[dict] = []
         for record in records():
             chunk.append(record)
@@ -80,21 +80,6 @@ def export_parquet(
     write_atomic(output, write)
     write_errors(errors, err_lines)
     return written + kept
-
-
-def _checked(pq: Any, prefix: ParquetPrefix) -> ParquetPrefix:
-    """`prefix`, if the file's leading row groups are whole chunks; an empty one if not."""
-    if not prefix.kept_rows:
-        return prefix
-    try:
-        meta = pq.ParquetFile(prefix.output).metadata
-    except Exception:  # pyarrow raises several kinds for a file it cannot read
-        return ParquetPrefix(prefix.output, prefix.chunk)
-    groups = prefix.kept_rows // prefix.chunk
-    sizes = [meta.row_group(i).num_rows for i in range(min(groups, meta.num_row_groups))]
-    if prefix.kept_rows % prefix.chunk or sizes != [prefix.chunk] * groups:
-        return ParquetPrefix(prefix.output, prefix.chunk)
-    return prefix
 
 
 def _copy_groups(pq: Any, output: str, tmp: str, groups: int) -> Any:

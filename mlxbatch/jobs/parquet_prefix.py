@@ -4,12 +4,12 @@ As output_prefix.py does for JSONL: an export that owns its store records, in th
 `meta`, how many of the output's leading rows are final (every manifest row up to `seq`
 succeeded, and a successful result never changes), counted in whole row groups of the
 export's chunk size so that the groups fall where a full export puts them, with the file's
-size and digest. The next export of the same output, once the file is found unchanged,
-copies those row groups (read as Arrow tables and written again: pyarrow cannot copy an
-encoded row group) and builds only the rows after them from the store and the input: a
-1,000,000-row output took 11-19 s to write in full, 0.8-0.9 s so. The manifest written again
-or the results cleared drop the record (store.py). It does not build rows or choose the
-schema (export_parquet.py).
+size and digest. The next export of the same output, once the file is found unchanged and
+its first row groups whole, copies those row groups (read as Arrow tables and written again:
+pyarrow cannot copy an encoded row group) and builds only the rows after them from the store
+and the input: a 1,000,000-row output took 11-19 s to write in full, 0.8-0.9 s so. The
+manifest written again or the results cleared drop the record (store.py). It does not build
+rows or choose the schema (export_parquet.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class ParquetPrefix:
         self.seq, self.rows = seq, rows
         self.boundary = (seq, line, rows)
         self._open = True
+
+    @property
+    def groups(self) -> int:
+        """The row groups kept from the published file."""
+        return self.kept_rows // self.chunk
 
     @property
     def form(self) -> list:
@@ -76,4 +81,17 @@ def kept_groups(store: Store, output: str, chunk: int) -> ParquetPrefix:
     start = start_digest(output, size) if same_size and rows > 0 else None
     if start is None or start[0].hexdigest() != recorded.get("digest"):
         return empty  # the file was changed, replaced or cut since
-    return ParquetPrefix(output, chunk, seq, line, rows)
+    kept = ParquetPrefix(output, chunk, seq, line, rows)
+    return kept if _whole_groups(kept) else empty
+
+
+def _whole_groups(prefix: ParquetPrefix) -> bool:
+    """Whether the file's first row groups hold the kept rows in whole chunks."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(prefix.output).metadata
+    except Exception:  # pyarrow raises several kinds for a file it cannot read
+        return False
+    sizes = [meta.row_group(i).num_rows for i in range(min(prefix.groups, meta.num_row_groups))]
+    return not prefix.kept_rows % prefix.chunk and sizes == [prefix.chunk] * prefix.groups
