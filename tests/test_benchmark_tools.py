@@ -1,4 +1,5 @@
-"""The benchmark tools that explain a run: decode_step on the tiny model, timeline's trace."""
+"""The benchmark tools that explain a run: decode_step, prefill_rows and reuse_ties on the tiny
+model, timeline's trace, ab, scale, the benchmark tokenizer."""
 
 from __future__ import annotations
 
@@ -215,3 +216,49 @@ def test_benchmark_tokenizer_makes_a_workload_word_about_one_token():
 
     assert per_word(tokenizer_corpus()) < 1.2
     assert per_word(()) > 3  # the tests' own tokenizer, which does not learn them
+
+
+def test_reuse_ties_finds_float32_rows_identical_with_and_without_reuse(
+    tiny_model, tmp_path, capsys
+):
+    from benchmarks import reuse_ties
+
+    reuse_ties.main(["--model", tiny_model, "--rows", "6", "--system-tokens", "200",
+                     "--data-dir", str(tmp_path)])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "auto: 6/6 rows the same with and without reuse"
+    assert re.fullmatch(
+        r"top-2 logprob margin over all 48 tokens with reuse: median [\d.]+, 1st percentile [\d.]+",
+        lines[1],
+    )
+    assert len(lines) == 2
+
+
+def test_reuse_ties_lists_where_each_differing_row_parts(monkeypatch, capsys):
+    from benchmarks import reuse_ties
+
+    def entry(token: str, top: float, second: float) -> dict:
+        return {"token": token, "top_logprobs": [{"logprob": top}, {"logprob": second}]}
+
+    def row(text: str, tokens: list[dict]) -> dict:
+        return {"output": text, "logprobs": {"content": tokens}}
+
+    runs = {
+        True: {"a": row("xy", [entry("x", -1, -2), entry("y", -1, -1.25)]),
+               "b": row("x", [entry("x", -1, -3)]),
+               "c": row("x", [entry("x", -1, -3)])},
+        False: {"a": row("xz", [entry("x", -1, -2), entry("z", -1, -1.0)]),
+                "b": row("x", [entry("x", -1, -3)]),
+                "c": row("xw", [entry("x", -1, -3), entry("w", -1, -2)])},
+    }  # fmt: skip
+    monkeypatch.setattr(reuse_ties, "bench_model", lambda *a: "model")
+    monkeypatch.setattr(reuse_ties, "_token_counter", lambda model: len)
+    monkeypatch.setattr(reuse_ties, "make_workload", lambda *a, **k: None)
+    monkeypatch.setattr(reuse_ties, "_run", lambda wl, model, out, *, dtype, reuse: runs[reuse])
+    reuse_ties.main(["--dtype", "bfloat16"])
+    assert capsys.readouterr().out.splitlines() == [
+        "bfloat16: 1/3 rows the same with and without reuse",
+        "top-2 logprob margin over all 4 tokens with reuse: median 1.5000, 1st percentile 0.25000",
+        "  a: first different token 1, top-2 margin with reuse 0.25000, without 0.00000",
+        "  c: one text ends where the other goes on (token 1)",
+    ]

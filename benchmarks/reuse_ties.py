@@ -1,0 +1,98 @@
+"""`python -m benchmarks.reuse_ties`: the greedy rows that differ with and without prefix reuse,
+and how close the model's top two tokens were where each pair parts.
+
+What it does: runs the labelling workload through mlxbatch twice, prefix reuse on and off (the
+same model, dtype and rows), every row asking for its top two logprobs. It prints how many rows
+have the same text both ways, the median and 1st-percentile margin between the top two logprobs
+over every token of the reuse run (for scale), and, for each row that differs, the first token
+where the two texts part and that margin in both runs. A margin of about one rounding step (0
+or one bf16 step, 1/32 at these logprobs) says the pair parted at a near-tie of two tokens.
+
+What it does not do: time anything (benchmarks.run does), or decide what counts as a tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.models import BENCH_DIR, bench_model
+from benchmarks.run import _token_counter
+from benchmarks.workloads import make_workload
+
+
+def _margin(entry: dict) -> float:
+    top = entry["top_logprobs"]
+    return float(top[0]["logprob"] - top[1]["logprob"])
+
+
+def _run(workload: Any, model: str, output: str, *, dtype: str, reuse: bool) -> dict[str, dict]:
+    from mlxbatch.jobs.runner import run_job
+    from mlxbatch.jobs.spec import JobSpec
+
+    spec = JobSpec(input=str(workload.path), output=output, model=model, quiet=True, dtype=dtype,
+                   prefix_cache=reuse, top_logprobs=2, **workload.spec_kwargs())  # fmt: skip
+    run_job(spec)
+    with open(output) as f:
+        return {row["id"]: row for row in map(json.loads, f)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reuse_ties", description=__doc__)
+    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    p.add_argument("--model", help="a model directory instead of a benchmark shape")
+    p.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
+    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the checkpoint's on GPU")
+    p.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
+    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
+    p.add_argument("--show", type=int, default=40, help="differing rows to list")
+    args = p.parse_args(argv)
+    import mlx.core as mx
+
+    gpu = mx.default_device() == mx.gpu
+    model = bench_model(args.model, args.model_shape, gpu)
+    workload = make_workload(
+        "labelling",
+        args.data_dir,
+        rows=args.rows,
+        max_tokens=None,
+        count_tokens=_token_counter(model),
+        system_tokens=args.system_tokens,
+        default_rows=512 if gpu else 64,
+    )
+    with tempfile.TemporaryDirectory(prefix="mlxbatch-ties-") as tmp:
+        on = _run(workload, model, f"{tmp}/on.jsonl", dtype=args.dtype, reuse=True)
+        off = _run(workload, model, f"{tmp}/off.jsonl", dtype=args.dtype, reuse=False)
+    parted = []
+    for key, row in on.items():
+        ours, theirs = row["logprobs"]["content"], off[key]["logprobs"]["content"]
+        if row["output"] == off[key]["output"]:
+            continue
+        # Token strings, as the texts are compared: the first place the two rows part. The
+        # shorter row may end first (an EOS), so the pairs stop with it.
+        pairs = zip(ours, theirs, strict=False)
+        first = next(
+            (i for i, (a, b) in enumerate(pairs) if a["token"] != b["token"]),
+            min(len(ours), len(theirs)),
+        )
+        parted.append((key, first, ours, theirs))
+    margins = sorted(_margin(e) for row in on.values() for e in row["logprobs"]["content"])
+    print(f"{args.dtype}: {len(on) - len(parted)}/{len(on)} rows the same with and without reuse")
+    if margins:
+        print(f"top-2 logprob margin over all {len(margins)} tokens with reuse: median "
+              f"{statistics.median(margins):.4f}, 1st percentile "
+              f"{margins[len(margins) // 100]:.5f}")  # fmt: skip
+    for key, first, ours, theirs in parted[: args.show]:
+        if first >= min(len(ours), len(theirs)):
+            print(f"  {key}: one text ends where the other goes on (token {first})")
+            continue
+        print(f"  {key}: first different token {first}, top-2 margin with reuse "
+              f"{_margin(ours[first]):.5f}, without {_margin(theirs[first]):.5f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
