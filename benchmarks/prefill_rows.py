@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-from benchmarks.models import BENCH_DIR, bench_model
-from benchmarks.run import _token_counter
-from benchmarks.workloads import make_workload
+from benchmarks.workloads import add_labelling_options, labelling_for
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefill_rows", description=__doc__)
-    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
-    p.add_argument("--model", help="a model directory instead of a benchmark shape")
-    p.add_argument("--rows", type=int)
-    p.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
-    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
+    add_labelling_options(p)
     p.add_argument("--limits", default="0.06,0.125,0.25,0.5,1e9")
     p.add_argument("--tokens-per-pass", help="comma-separated; default: what a run would use")
     p.add_argument("--repeat", type=int, default=3)
@@ -41,17 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.pipeline.engine import Engine
     from mlxbatch.pipeline.engine import prefix as prefix_module
 
-    gpu = mx.default_device() == mx.gpu
-    model = bench_model(args.model, args.model_shape, gpu)
-    wl = make_workload(
-        "labelling",
-        args.data_dir,
-        rows=args.rows,
-        max_tokens=None,
-        count_tokens=_token_counter(model),
-        system_tokens=args.system_tokens,
-        default_rows=512 if gpu else 64,
-    )
+    model, wl = labelling_for(args)
     engine = Engine(model)
     prompts = sorted(peer_inputs(wl, model, engine.tokenizer).prompts, key=len)
     shared = len(prompts[0])

@@ -17,12 +17,9 @@ import argparse
 import json
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from benchmarks.models import BENCH_DIR, bench_model
-from benchmarks.run import _token_counter
-from benchmarks.workloads import make_workload
+from benchmarks.workloads import add_labelling_options, labelling_for
 
 
 def _margin(entry: dict) -> float:
@@ -43,27 +40,11 @@ def _run(workload: Any, model: str, output: str, *, dtype: str, reuse: bool) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reuse_ties", description=__doc__)
-    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
-    p.add_argument("--model", help="a model directory instead of a benchmark shape")
-    p.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
+    add_labelling_options(p)
     p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the checkpoint's on GPU")
-    p.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
-    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
     p.add_argument("--show", type=int, default=40, help="differing rows to list")
     args = p.parse_args(argv)
-    import mlx.core as mx
-
-    gpu = mx.default_device() == mx.gpu
-    model = bench_model(args.model, args.model_shape, gpu)
-    workload = make_workload(
-        "labelling",
-        args.data_dir,
-        rows=args.rows,
-        max_tokens=None,
-        count_tokens=_token_counter(model),
-        system_tokens=args.system_tokens,
-        default_rows=512 if gpu else 64,
-    )
+    model, workload = labelling_for(args)
     with tempfile.TemporaryDirectory(prefix="mlxbatch-ties-") as tmp:
         on = _run(workload, model, f"{tmp}/on.jsonl", dtype=args.dtype, reuse=True)
         off = _run(workload, model, f"{tmp}/off.jsonl", dtype=args.dtype, reuse=False)

@@ -172,3 +172,35 @@ def write_subset(workload: Workload, rows: int, directory: Path) -> Path:
     path = directory / f"warmup-{workload.path.name}"
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def add_labelling_options(parser: Any) -> None:
+    """The options of a tool that runs the labelling workload on a benchmark model."""
+    from benchmarks.models import BENCH_DIR
+
+    parser.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    parser.add_argument("--model", help="a model directory instead of a benchmark shape")
+    parser.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
+    parser.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
+    parser.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
+
+
+def labelling_for(args: Any) -> tuple[str, Workload]:
+    """The model directory and labelling workload that `add_labelling_options` ask for."""
+    import mlx.core as mx
+
+    from benchmarks.models import bench_model
+    from benchmarks.run import _token_counter  # run.py imports this module
+
+    gpu = mx.default_device() == mx.gpu
+    model = bench_model(args.model, args.model_shape, gpu)
+    workload = make_workload(
+        "labelling",
+        args.data_dir,
+        rows=args.rows,
+        max_tokens=None,
+        count_tokens=_token_counter(model),
+        system_tokens=args.system_tokens,
+        default_rows=512 if gpu else 64,
+    )
+    return model, workload

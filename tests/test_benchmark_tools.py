@@ -251,9 +251,7 @@ def test_reuse_ties_lists_where_each_differing_row_parts(monkeypatch, capsys):
                 "b": row("x", [entry("x", -1, -3)]),
                 "c": row("xw", [entry("x", -1, -3), entry("w", -1, -2)])},
     }  # fmt: skip
-    monkeypatch.setattr(reuse_ties, "bench_model", lambda *a: "model")
-    monkeypatch.setattr(reuse_ties, "_token_counter", lambda model: len)
-    monkeypatch.setattr(reuse_ties, "make_workload", lambda *a, **k: None)
+    monkeypatch.setattr(reuse_ties, "labelling_for", lambda args: ("model", None))
     monkeypatch.setattr(reuse_ties, "_run", lambda wl, model, out, *, dtype, reuse: runs[reuse])
     reuse_ties.main(["--dtype", "bfloat16"])
     assert capsys.readouterr().out.splitlines() == [
