@@ -175,10 +175,24 @@ def test_shared_prefix_attention_equals_attention_over_the_whole_history(additiv
     ours = shared_prefix_attention(q, k, v, cache, 0.3, own_mask)
     theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask=full_mask)
     assert mx.allclose(ours, theirs, atol=1e-5).item()
-    # A prefill chunk: causal over its own tokens, after the whole prefix.
-    q, k, v, full_k, full_v, cache = _attention_inputs(3, 4, 4, 6)
-    ours = shared_prefix_attention(q, k, v, cache, 0.3, "causal")
-    theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask="causal")
+    # Prefill chunks: causal over their own tokens after the whole prefix, the first chunk
+    # (4 queries, 4 own keys) and a later one (3 queries after 4 own tokens already cached).
+    for n, own in [(4, 4), (3, 7)]:
+        q, k, v, full_k, full_v, cache = _attention_inputs(3, n, own, 6)
+        ours = shared_prefix_attention(q, k, v, cache, 0.3, "causal")
+        theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask="causal")
+        assert mx.allclose(ours, theirs, atol=1e-5).item()
+    # A left-padded prefill chunk: an array mask over its own keys.
+    q, k, v, full_k, full_v, cache = _attention_inputs(3, 3, 5, 6)
+    causal = mx.arange(2, 5)[:, None] >= mx.arange(5)[None, :]
+    own_mask = (causal[None] & (mx.arange(5)[None, None, :] >= left_padding[:, None, None]))[
+        :, None
+    ]
+    full_mask = mx.concatenate([mx.ones((3, 1, 3, 6), mx.bool_), own_mask], axis=-1)
+    if additive:
+        own_mask, full_mask = (mx.where(m, 0.0, -1e9) for m in (own_mask, full_mask))
+    ours = shared_prefix_attention(q, k, v, cache, 0.3, own_mask)
+    theirs = mx.fast.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, mask=full_mask)
     assert mx.allclose(ours, theirs, atol=1e-5).item()
 
 
