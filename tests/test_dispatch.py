@@ -14,6 +14,7 @@ class SizingEngine:
 
     kv_bytes_per_token = 1000
     prefill_tokens_per_step = 512
+    max_completion_batch = 512
 
     def __init__(self, prefills_rows: bool):
         self.prefills_rows = prefills_rows
@@ -46,3 +47,22 @@ def test_rows_the_engine_prefills_after_their_prefix_reach_mlx_lm_in_one_prefill
     no_reuse = JobSpec(prefix_cache=False)
     generate_window(_rows(64), no_reuse, engine, lambda r: None, lambda: False)
     assert engine.sizes == [(512, 2)]  # whole prompts of 250 tokens
+
+
+def test_the_engines_decode_batch_limit_bounds_the_decode_batch():
+    engine = SizingEngine(True)
+    engine.max_completion_batch = 2048  # as on CUDA
+    generate_window(_rows(3000), JobSpec(), engine, lambda r: None, lambda: False)
+    assert engine.sizes == [(2048, 512)]  # prefill: 512 tokens a step, one token a row
+    engine = SizingEngine(True)
+    engine.max_completion_batch = 2048
+    generate_window(_rows(3000), JobSpec(batch_size=100), engine, lambda r: None, lambda: False)
+    assert engine.sizes == [(100, 100)]  # --batch-size still lowers it
+
+
+def test_the_engine_decodes_up_to_2048_rows_on_cuda_and_512_elsewhere(tiny_model, monkeypatch):
+    from mlxbatch.pipeline.engine import model
+
+    assert model.Engine(tiny_model).max_completion_batch == 512  # these tests run on the CPU
+    monkeypatch.setattr(model, "on_cuda", lambda: True)
+    assert model.Engine(tiny_model).max_completion_batch == 2048

@@ -41,6 +41,10 @@ def test_batch_sizes_follow_the_memory_budget():
     sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=2_000_000)
     assert sizes.completion == 10  # 2 MB / (200 tokens * 1 kB)
     assert choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9).completion == 512
+    sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9, most=2048)
+    assert sizes.completion == 2048
+    sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**6, most=2048)
+    assert sizes.completion == 5  # the budget still binds: 1 MB / (200 tokens * 1 kB)
     assert (
         choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9, cap=4).completion
         == 4

@@ -48,6 +48,7 @@ def generate_window(
         kv_bytes_per_token=engine.kv_bytes_per_token,
         memory_budget=engine.memory_budget(),
         cap=spec.batch_size,
+        most=engine.max_completion_batch,
         prefill_tokens=engine.prefill_tokens_per_step,
         prefilled=[_prefilled_by_mlx_lm(t, g, engine) for g in groups for t in g.tasks],
     )

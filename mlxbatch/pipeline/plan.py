@@ -14,6 +14,7 @@ from itertools import pairwise
 
 from mlxbatch.records import PrefixGroup, Task
 
+# Most rows decoded together unless the engine says otherwise (Engine.max_completion_batch).
 MAX_COMPLETION_BATCH = 512
 PREFILL_TOKENS_PER_STEP = 8192
 
@@ -58,8 +59,10 @@ def choose_batch_sizes(
     cap: int | None = None,
     prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
     prefilled: list[int] | None = None,
+    most: int = MAX_COMPLETION_BATCH,
 ) -> BatchSizes:
-    """Largest batches whose KV caches fit `memory_budget`, capped by `cap` when given.
+    """Largest batches whose KV caches fit `memory_budget`, at most `most` rows (the device's
+    limit) and `cap` when given (the user's).
 
     Prefill batches hold about `prefill_tokens` tokens of what is actually prefilled per row
     (`prefilled`: prompt tokens after a shared prefix; by default the whole prompt).
@@ -68,7 +71,7 @@ def choose_batch_sizes(
         return BatchSizes(1, 1)
     mean_tokens = sum(len(t.prompt_ids) + t.params.max_tokens for t in tasks) / len(tasks)
     per_row = max(1, int(mean_tokens * kv_bytes_per_token))
-    completion = max(1, min(MAX_COMPLETION_BATCH, memory_budget // per_row))
+    completion = max(1, min(most, memory_budget // per_row))
     if cap is not None:
         completion = min(completion, cap)
     lengths = prefilled if prefilled is not None else [len(t.prompt_ids) for t in tasks]

@@ -29,13 +29,11 @@ def batch_attention(model: Any) -> Any:
     swapped there, and put back afterwards. The fused and grouped decode attentions are on by
     default on CUDA only, where they were measured.
     """
-    import mlx.core as mx
     from mlx_lm.models import base
 
-    cuda = getattr(mx, "cuda", None)  # every current MLX build has it; older ones may not
-    on_cuda = cuda is not None and cuda.is_available()
-    mode = os.environ.get(DECODE_ATTENTION_ENV) or ("fused" if on_cuda else "")
-    fused, grouped = mode == "fused" and on_cuda, mode in ("fused", "grouped")
+    cuda = on_cuda()
+    mode = os.environ.get(DECODE_ATTENTION_ENV) or ("fused" if cuda else "")
+    fused, grouped = mode == "fused" and cuda, mode in ("fused", "grouped")
     original = base.scaled_dot_product_attention
 
     def attention(
@@ -62,6 +60,14 @@ def batch_attention(model: Any) -> Any:
     finally:
         for module in swapped:
             module.scaled_dot_product_attention = original
+
+
+def on_cuda() -> bool:
+    """Whether MLX runs on an NVIDIA GPU (its CUDA build, with the GPU the default device)."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)  # every current MLX build has it; older ones may not
+    return cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu
 
 
 # id(model) -> (a weak reference to it, the Python modules its layers' classes come from)

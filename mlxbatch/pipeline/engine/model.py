@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxbatch.pipeline.engine.attention import batch_attention
+from mlxbatch.pipeline.engine.attention import batch_attention, on_cuda
 from mlxbatch.pipeline.engine.batch import BatchRun
 from mlxbatch.pipeline.engine.errors import (
     ModelLoadError,
@@ -32,6 +32,11 @@ from mlxbatch.records import PrefixGroup, Result, Task
 # Most prompt tokens prefilled in one pass on a GPU (prefill_tokens_per_step). On an H200,
 # 16,384 made the mixed workload 1.46x slower (benchmarks.ab, 2026-12-02-h200/).
 MAX_PREFILL_TOKENS = 98304
+# Most rows decoded together on CUDA; other devices keep plan.MAX_COMPLETION_BATCH (512). On an
+# H200 (4,096 rows, benchmarks.ab): mixed 14.8 / 12.2 / 10.4 / 9.8 s at 512 / 1,024 / 2,048 /
+# 4,096 rows, peak 35 / 37 / 54 / 60 GiB; labelling 3.04 / - / 2.63 / 2.59 s. The last doubling
+# gave 7% for 12% more memory, and the budget (which counts only the KV cache) is not raised.
+MAX_CUDA_COMPLETION_BATCH = 2048
 
 
 @dataclass
@@ -119,6 +124,13 @@ class Engine:
         # budget lowers it.
         per_token = 192 * int(self.config.get("hidden_size", 4096))
         return max(2048, min(MAX_PREFILL_TOKENS, self.memory_budget() // per_token))
+
+    @functools.cached_property
+    def max_completion_batch(self) -> int:
+        """Most rows decoded together, before the memory budget and --batch-size."""
+        from mlxbatch.pipeline.plan import MAX_COMPLETION_BATCH
+
+        return MAX_CUDA_COMPLETION_BATCH if on_cuda() else MAX_COMPLETION_BATCH
 
     @property
     def kv_bytes_per_token(self) -> int:
