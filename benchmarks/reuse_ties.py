@@ -5,7 +5,8 @@ What it does: runs the labelling workload through mlxbatch twice, prefix reuse o
 same model, dtype and rows), every row asking for its top two logprobs. It prints how many rows
 have the same text both ways, the median and 1st-percentile margin between the top two logprobs
 over every token of the reuse run (for scale), and, for each row that differs, the first token
-where the two texts part and that margin in both runs. A margin of about one rounding step (0
+where the two texts part and that margin in both runs. Rows that are error records in either
+run (no logprobs) are counted and left out. A margin of about one rounding step (0
 or one bf16 step, 1/32 at these logprobs) says the pair parted at a near-tie of two tokens.
 
 What it does not do: time anything (benchmarks.run does), or decide what counts as a tie.
@@ -25,6 +26,12 @@ from benchmarks.workloads import add_labelling_options, labelling_for
 def _margin(entry: dict) -> float:
     top = entry["top_logprobs"]
     return float(top[0]["logprob"] - top[1]["logprob"])
+
+
+def _tokens(row: dict) -> list[dict] | None:
+    """The row's per-token logprob entries; None for an error record, which has none."""
+    logprobs = row.get("logprobs")
+    return logprobs["content"] if row.get("error") is None and logprobs else None
 
 
 def _run(workload: Any, model: str, output: str, *, dtype: str, reuse: bool) -> dict[str, dict]:
@@ -48,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="mlxbatch-ties-") as tmp:
         on = _run(workload, model, f"{tmp}/on.jsonl", dtype=args.dtype, reuse=True)
         off = _run(workload, model, f"{tmp}/off.jsonl", dtype=args.dtype, reuse=False)
-    parted = []
-    for key, row in on.items():
-        ours, theirs = row["logprobs"]["content"], off[key]["logprobs"]["content"]
+    parted, failed = [], [k for k in on if _tokens(on[k]) is None or _tokens(off[k]) is None]
+    compared = {k: row for k, row in on.items() if k not in failed}
+    for key, row in compared.items():
+        ours, theirs = _tokens(row) or [], _tokens(off[key]) or []
         if row["output"] == off[key]["output"]:
             continue
         # Token strings, as the texts are compared: the first place the two rows part. The
@@ -61,8 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             min(len(ours), len(theirs)),
         )
         parted.append((key, first, ours, theirs))
-    margins = sorted(_margin(e) for row in on.values() for e in row["logprobs"]["content"])
-    print(f"{args.dtype}: {len(on) - len(parted)}/{len(on)} rows the same with and without reuse")
+    margins = sorted(_margin(e) for row in compared.values() for e in _tokens(row) or [])
+    print(f"{args.dtype}: {len(compared) - len(parted)}/{len(compared)} rows the same with and "
+          "without reuse")  # fmt: skip
+    if failed:
+        print(f"{len(failed)} rows are error records in one run or both: not compared")
     if margins:
         print(f"top-2 logprob margin over all {len(margins)} tokens with reuse: median "
               f"{statistics.median(margins):.4f}, 1st percentile "

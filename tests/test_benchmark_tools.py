@@ -246,16 +246,19 @@ def test_reuse_ties_lists_where_each_differing_row_parts(monkeypatch, capsys):
     runs = {
         True: {"a": row("xy", [entry("x", -1, -2), entry("y", -1, -1.25)]),
                "b": row("x", [entry("x", -1, -3)]),
-               "c": row("x", [entry("x", -1, -3)])},
+               "c": row("x", [entry("x", -1, -3)]),
+               "d": {"output": "", "error": {"code": "out_of_memory", "message": "m"}}},
         False: {"a": row("xz", [entry("x", -1, -2), entry("z", -1, -1.0)]),
                 "b": row("x", [entry("x", -1, -3)]),
-                "c": row("xw", [entry("x", -1, -3), entry("w", -1, -2)])},
+                "c": row("xw", [entry("x", -1, -3), entry("w", -1, -2)]),
+                "d": row("x", [entry("x", -1, -3)])},
     }  # fmt: skip
     monkeypatch.setattr(reuse_ties, "labelling_for", lambda args: ("model", None))
     monkeypatch.setattr(reuse_ties, "_run", lambda wl, model, out, *, dtype, reuse: runs[reuse])
     reuse_ties.main(["--dtype", "bfloat16"])
     assert capsys.readouterr().out.splitlines() == [
         "bfloat16: 1/3 rows the same with and without reuse",
+        "1 rows are error records in one run or both: not compared",
         "top-2 logprob margin over all 4 tokens with reuse: median 1.5000, 1st percentile 0.25000",
         "  a: first different token 1, top-2 margin with reuse 0.25000, without 0.00000",
         "  c: one text ends where the other goes on (token 1)",
