@@ -16,12 +16,13 @@ class SizingEngine:
     prefill_tokens_per_step = 512
     max_completion_batch = 512
 
-    def __init__(self, prefills_rows: bool):
+    def __init__(self, prefills_rows: bool, budget: int = 10**9, shares_prefixes: bool = True):
         self.prefills_rows = prefills_rows
+        self.budget, self.shares_prefixes = budget, shares_prefixes
         self.sizes: list[tuple[int, int]] = []
 
     def memory_budget(self) -> int:
-        return 10**9
+        return self.budget
 
     def generate(self, groups, *, completion_batch_size, prefill_batch_size, **kwargs) -> bool:
         self.sizes.append((completion_batch_size, prefill_batch_size))
@@ -66,3 +67,30 @@ def test_the_engine_decodes_up_to_2048_rows_on_cuda_and_512_elsewhere(tiny_model
     assert model.Engine(tiny_model).max_completion_batch == 512  # these tests run on the CPU
     monkeypatch.setattr(model, "on_cuda", lambda: True)
     assert model.Engine(tiny_model).max_completion_batch == 2048
+
+
+def test_a_prefix_every_row_shares_counts_once_against_the_memory_budget():
+    # Rows of 100 shared + 150 own prompt tokens + 8 new, 1 kB each; a 10 MB budget.
+    sizes = {}
+    for shares in (True, False):
+        engine = SizingEngine(True, budget=10_000_000, shares_prefixes=shares)
+        generate_window(_rows(64), JobSpec(), engine, lambda r: None, lambda: False)
+        sizes[shares] = engine.sizes
+    # Held once: (10 MB - 100 kB) // 158 kB = 62 rows; each row its own copy: 10 MB // 258 kB.
+    assert sizes == {True: [(62, 62)], False: [(38, 38)]}
+    # Rows of two prefixes share a batch, and then each row holds its whole prompt.
+    two = _rows(32) + [
+        Task(
+            f"j{i}",
+            40 + i,
+            41 + i,
+            40 + i,
+            0,
+            [999] * 100 + [300 + i] * 150,
+            GenParams(max_tokens=8),
+        )
+        for i in range(32)
+    ]
+    engine = SizingEngine(True, budget=10_000_000)
+    generate_window(two, JobSpec(), engine, lambda r: None, lambda: False)
+    assert engine.sizes == [(38, 38)]

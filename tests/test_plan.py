@@ -45,6 +45,8 @@ def test_batch_sizes_follow_the_memory_budget():
     assert sizes.completion == 2048
     sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**6, most=2048)
     assert sizes.completion == 5  # the budget still binds: 1 MB / (200 tokens * 1 kB)
+    sizes = choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**6, held_once=90)
+    assert sizes.completion == 8  # (1 MB - 90 kB held once) / (110 tokens * 1 kB)
     assert (
         choose_batch_sizes(tasks, kv_bytes_per_token=1000, memory_budget=10**9, cap=4).completion
         == 4

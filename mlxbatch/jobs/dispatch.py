@@ -49,6 +49,7 @@ def generate_window(
         memory_budget=engine.memory_budget(),
         cap=spec.batch_size,
         most=engine.max_completion_batch,
+        held_once=_held_once(groups, engine),
         prefill_tokens=engine.prefill_tokens_per_step,
         prefilled=[_prefilled_by_mlx_lm(t, g, engine) for g in groups for t in g.tasks],
     )
@@ -74,6 +75,14 @@ def _prefilled_by_mlx_lm(task: Task, group: PrefixGroup, engine: Any) -> int:
     if group.prefix and engine.prefills_rows:
         return 1
     return len(task.prompt_ids) - len(group.prefix)
+
+
+def _held_once(groups: list[PrefixGroup], engine: Any) -> int:
+    """Prompt tokens each decode batch holds once for all its rows: a prefix every task shares.
+    (Batches that take rows of several prefixes hold each row's whole prompt, cache.py.)"""
+    if len(groups) == 1 and groups[0].prefix and engine.shares_prefixes:
+        return len(groups[0].prefix)
+    return 0
 
 
 def _constraint_type(task: Task) -> str | None:

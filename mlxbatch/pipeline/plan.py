@@ -60,18 +60,22 @@ def choose_batch_sizes(
     prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
     prefilled: list[int] | None = None,
     most: int = MAX_COMPLETION_BATCH,
+    held_once: int = 0,
 ) -> BatchSizes:
     """Largest batches whose KV caches fit `memory_budget`, at most `most` rows (the device's
     limit) and `cap` when given (the user's).
 
-    Prefill batches hold about `prefill_tokens` tokens of what is actually prefilled per row
-    (`prefilled`: prompt tokens after a shared prefix; by default the whole prompt).
+    `held_once`: prompt tokens every task starts with that each batch holds once, not once
+    per row (a prefix shared by the whole job, cache.py). Prefill batches hold about
+    `prefill_tokens` tokens of what is actually prefilled per row (`prefilled`: prompt tokens
+    after a shared prefix; by default the whole prompt).
     """
     if not tasks:
         return BatchSizes(1, 1)
-    mean_tokens = sum(len(t.prompt_ids) + t.params.max_tokens for t in tasks) / len(tasks)
-    per_row = max(1, int(mean_tokens * kv_bytes_per_token))
-    completion = max(1, min(most, memory_budget // per_row))
+    own = sum(len(t.prompt_ids) - held_once + t.params.max_tokens for t in tasks) / len(tasks)
+    per_row = max(1, int(own * kv_bytes_per_token))
+    rows_memory = memory_budget - held_once * kv_bytes_per_token
+    completion = max(1, min(most, rows_memory // per_row))
     if cap is not None:
         completion = min(completion, cap)
     lengths = prefilled if prefilled is not None else [len(t.prompt_ids) for t in tasks]
