@@ -57,7 +57,14 @@ class RowBatchKVCache(BatchKVCache):
     _right_list: list[int] | None = None  # prepare's right padding, for finalize's memo
 
     def __init__(self, left_padding: list[int]):
-        super().__init__(left_padding)
+        if any(left_padding):
+            super().__init__(left_padding)
+        else:
+            # Zeros made on the device: mlx-lm copies the list from the host into two arrays,
+            # for every layer of every batch made.
+            super().__init__([])
+            self.left_padding = mx.zeros((len(left_padding),), mx.int32)
+            self.offset = mx.zeros((len(left_padding),), mx.int32)
         # Known here without reading the device: masks of the first steps need no sync.
         self._padding = (self.left_padding, list(left_padding))
 
