@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.dtype}: {len(compared) - len(parted)}/{len(compared)} rows the same with and "
           "without reuse")  # fmt: skip
     if failed:
-        print(f"{len(failed)} rows are error records in one run or both: not compared")
+        print(f"rows that are error records in one run or both (not compared): {len(failed)}")
     if margins:
         print(f"top-2 logprob margin over all {len(margins)} tokens with reuse: median "
               f"{statistics.median(margins):.4f}, 1st percentile "

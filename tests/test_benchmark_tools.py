@@ -258,7 +258,7 @@ def test_reuse_ties_lists_where_each_differing_row_parts(monkeypatch, capsys):
     reuse_ties.main(["--dtype", "bfloat16"])
     assert capsys.readouterr().out.splitlines() == [
         "bfloat16: 1/3 rows the same with and without reuse",
-        "1 rows are error records in one run or both: not compared",
+        "rows that are error records in one run or both (not compared): 1",
         "top-2 logprob margin over all 4 tokens with reuse: median 1.5000, 1st percentile 0.25000",
         "  a: first different token 1, top-2 margin with reuse 0.25000, without 0.00000",
         "  c: one text ends where the other goes on (token 1)",
