@@ -182,6 +182,7 @@ def add_labelling_options(parser: Any) -> None:
     parser.add_argument("--model", help="a model directory instead of a benchmark shape")
     parser.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
     parser.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
+    parser.add_argument("--max-tokens", type=int, help="new tokens a row (default: 8)")
     parser.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
 
 
@@ -198,7 +199,7 @@ def labelling_for(args: Any) -> tuple[str, Workload]:
         "labelling",
         args.data_dir,
         rows=args.rows,
-        max_tokens=None,
+        max_tokens=args.max_tokens,
         count_tokens=_token_counter(model),
         system_tokens=args.system_tokens,
         default_rows=512 if gpu else 64,
