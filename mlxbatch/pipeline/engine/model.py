@@ -33,10 +33,11 @@ from mlxbatch.records import PrefixGroup, Result, Task
 # 16,384 made the mixed workload 1.46x slower (benchmarks.ab, 2026-12-02-h200/).
 MAX_PREFILL_TOKENS = 98304
 # Most rows decoded together on CUDA; other devices keep plan.MAX_COMPLETION_BATCH (512: on the
-# 2-core CPU, 1,024 was 0.93x as fast, results/cpu-labelling-decode-batch-2026-12-02g.txt). On an
-# H200 (4,096 rows, benchmarks.ab): mixed 14.8 / 12.2 / 10.4 / 9.8 s at 512 / 1,024 / 2,048 /
-# 4,096 rows, peak 35 / 37 / 54 / 60 GiB; labelling 3.04 / - / 2.63 / 2.59 s. The last doubling
-# gave 7% for 12% more memory, and the budget (which counts only the KV cache) is not raised.
+# 2-core CPU, 1,024 was 0.93x as fast and 256 0.99x; cpu-labelling-decode-batch-2026-12-02g.txt).
+# On an H200 (4,096 rows, benchmarks.ab): mixed 14.8 / 12.2 / 10.4 / 9.8 s at 512 / 1,024 /
+# 2,048 / 4,096 rows, peak 35 / 37 / 54 / 60 GiB; labelling 3.04 / - / 2.63 / 2.59 s. The last
+# doubling gave 7% for 12% more memory, and the budget (which counts only the KV cache) is not
+# raised.
 MAX_CUDA_COMPLETION_BATCH = 2048
 
 
