@@ -36,9 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.models import BENCH_DIR, bench_model
-from benchmarks.run import _token_counter
-from benchmarks.workloads import WORKLOADS, make_workload, write_subset
+from benchmarks.workloads import WORKLOADS, add_workload_options, workload_for, write_subset
 
 
 @dataclasses.dataclass
@@ -124,12 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", action="append", required=True, metavar="NAME:SETTING,...")
     p.add_argument("--workload", choices=WORKLOADS, default="labelling")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
-    p.add_argument("--model", help="a model directory instead of a benchmark shape")
-    p.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--system-tokens", type=int, default=1500, help="labelling's system prompt")
-    p.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
+    add_workload_options(p)
     args = p.parse_args(argv)
     variants = [Variant.parse(v) for v in args.variant]
     if len({v.name for v in variants}) < len(variants):
@@ -140,10 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.jobs.spec import JobSpec
 
     gpu = mx.default_device() == mx.gpu
-    model = bench_model(args.model, args.model_shape, gpu)
-    wl = make_workload(args.workload, args.data_dir, rows=args.rows, max_tokens=args.max_tokens,
-                       count_tokens=_token_counter(model), system_tokens=args.system_tokens,
-                       default_rows=512 if gpu else 64)  # fmt: skip
+    model, wl = workload_for(args, args.workload)
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     peaks: dict[str, list[int]] = {v.name: [] for v in variants}
     same: dict[str, list[int]] = {v.name: [] for v in variants}

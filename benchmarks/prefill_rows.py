@@ -17,12 +17,12 @@ import argparse
 import statistics
 import time
 
-from benchmarks.workloads import add_labelling_options, labelling_for
+from benchmarks.workloads import add_workload_options, workload_for
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefill_rows", description=__doc__)
-    add_labelling_options(p)
+    add_workload_options(p)
     p.add_argument("--limits", default="0.06,0.125,0.25,0.5,1e9")
     p.add_argument("--tokens-per-pass", help="comma-separated; default: what a run would use")
     p.add_argument("--repeat", type=int, default=3)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.pipeline.engine import Engine
     from mlxbatch.pipeline.engine import prefix as prefix_module
 
-    model, wl = labelling_for(args)
+    model, wl = workload_for(args)
     engine = Engine(model)
     prompts = sorted(peer_inputs(wl, model, engine.tokenizer).prompts, key=len)
     shared = len(prompts[0])

@@ -6,8 +6,8 @@ same model, dtype and rows), every row asking for its top two logprobs. It print
 have the same text both ways, the median and 1st-percentile margin between the top two logprobs
 over every token of the reuse run (for scale), and, for each row that differs, the first token
 where the two texts part and that margin in both runs. Rows that are error records in either
-run (no logprobs) are counted and left out. A margin of about one rounding step (0
-or one bf16 step, 1/32 at these logprobs) says the pair parted at a near-tie of two tokens.
+run (no logprobs) are counted and left out. A margin of about one rounding step (0 or one bf16
+step, 1/32 at these logprobs) says the pair parted at a near-tie of two tokens.
 
 What it does not do: time anything (benchmarks.run does), or decide what counts as a tie.
 """
@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from typing import Any
 
-from benchmarks.workloads import add_labelling_options, labelling_for
+from benchmarks.workloads import add_workload_options, workload_for
 
 
 def _margin(entry: dict) -> float:
@@ -47,19 +47,20 @@ def _run(workload: Any, model: str, output: str, *, dtype: str, reuse: bool) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reuse_ties", description=__doc__)
-    add_labelling_options(p)
+    add_workload_options(p)
     p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the checkpoint's on GPU")
     p.add_argument("--show", type=int, default=40, help="differing rows to list")
     args = p.parse_args(argv)
-    model, workload = labelling_for(args)
+    model, workload = workload_for(args)
     with tempfile.TemporaryDirectory(prefix="mlxbatch-ties-") as tmp:
         on = _run(workload, model, f"{tmp}/on.jsonl", dtype=args.dtype, reuse=True)
         off = _run(workload, model, f"{tmp}/off.jsonl", dtype=args.dtype, reuse=False)
-    parted, failed = [], [k for k in on if _tokens(on[k]) is None or _tokens(off[k]) is None]
-    compared = {k: row for k, row in on.items() if k not in failed}
-    for key, row in compared.items():
-        ours, theirs = _tokens(row) or [], _tokens(off[key]) or []
-        if row["output"] == off[key]["output"]:
+    tokens = {key: (_tokens(row), _tokens(off[key])) for key, row in on.items()}
+    compared = {key: pair for key, pair in tokens.items() if None not in pair}
+    failed = len(tokens) - len(compared)
+    parted = []
+    for key, (ours, theirs) in compared.items():
+        if on[key]["output"] == off[key]["output"]:
             continue
         # Token strings, as the texts are compared: the first place the two rows part. The
         # shorter row may end first (an EOS), so the pairs stop with it.
@@ -69,11 +70,11 @@ def main(argv: list[str] | None = None) -> None:
             min(len(ours), len(theirs)),
         )
         parted.append((key, first, ours, theirs))
-    margins = sorted(_margin(e) for row in compared.values() for e in _tokens(row) or [])
+    margins = sorted(_margin(e) for ours, _ in compared.values() for e in ours or [])
     print(f"{args.dtype}: {len(compared) - len(parted)}/{len(compared)} rows the same with and "
           "without reuse")  # fmt: skip
     if failed:
-        print(f"rows that are error records in one run or both (not compared): {len(failed)}")
+        print(f"rows that are error records in one run or both (not compared): {failed}")
     if margins:
         print(f"top-2 logprob margin over all {len(margins)} tokens with reuse: median "
               f"{statistics.median(margins):.4f}, 1st percentile "

@@ -174,20 +174,20 @@ def write_subset(workload: Workload, rows: int, directory: Path) -> Path:
     return path
 
 
-def add_labelling_options(parser: Any) -> None:
-    """The options of a tool that runs the labelling workload on a benchmark model."""
+def add_workload_options(parser: Any) -> None:
+    """The options of a tool that runs one workload on a benchmark model."""
     from benchmarks.models import BENCH_DIR
 
     parser.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
     parser.add_argument("--model", help="a model directory instead of a benchmark shape")
     parser.add_argument("--rows", type=int, help="default: 512 on GPU, 64 on CPU")
-    parser.add_argument("--system-tokens", type=int, default=1500, help="the shared system prompt")
-    parser.add_argument("--max-tokens", type=int, help="new tokens a row (default: 8)")
+    parser.add_argument("--system-tokens", type=int, default=1500, help="labelling's system prompt")
+    parser.add_argument("--max-tokens", type=int, help="new tokens a row (default: the workload's)")
     parser.add_argument("--data-dir", type=Path, default=BENCH_DIR / "data")
 
 
-def labelling_for(args: Any) -> tuple[str, Workload]:
-    """The model directory and labelling workload that `add_labelling_options` ask for."""
+def workload_for(args: Any, name: str = "labelling") -> tuple[str, Workload]:
+    """The model directory and the workload `name` that `add_workload_options` ask for."""
     import mlx.core as mx
 
     from benchmarks.models import bench_model
@@ -196,7 +196,7 @@ def labelling_for(args: Any) -> tuple[str, Workload]:
     gpu = mx.default_device() == mx.gpu
     model = bench_model(args.model, args.model_shape, gpu)
     workload = make_workload(
-        "labelling",
+        name,
         args.data_dir,
         rows=args.rows,
         max_tokens=args.max_tokens,

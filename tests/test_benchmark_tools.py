@@ -92,7 +92,9 @@ def test_ab_alternates_the_variants_and_puts_their_settings_back(tiny_model, tmp
     # One system prompt, grown to --system-tokens tokens of the model's tokenizer and no further
     # than one more few-shot example.
     [system] = systems
-    assert 200 <= ab._token_counter(tiny_model)(system) < 400
+    from benchmarks.run import _token_counter
+
+    assert 200 <= _token_counter(tiny_model)(system) < 400
 
 
 def test_ab_runs_variants_in_alternating_order():
@@ -253,7 +255,7 @@ def test_reuse_ties_lists_where_each_differing_row_parts(monkeypatch, capsys):
                 "c": row("xw", [entry("x", -1, -3), entry("w", -1, -2)]),
                 "d": row("x", [entry("x", -1, -3)])},
     }  # fmt: skip
-    monkeypatch.setattr(reuse_ties, "labelling_for", lambda args: ("model", None))
+    monkeypatch.setattr(reuse_ties, "workload_for", lambda args: ("model", None))
     monkeypatch.setattr(reuse_ties, "_run", lambda wl, model, out, *, dtype, reuse: runs[reuse])
     reuse_ties.main(["--dtype", "bfloat16"])
     assert capsys.readouterr().out.splitlines() == [
