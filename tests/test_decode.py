@@ -8,7 +8,6 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
-from mlxbatch.pipeline.engine.cache import row_cache
 from mlxbatch.pipeline.engine.decode import (
     HandOverBatch,
     LaterRow,
@@ -16,6 +15,7 @@ from mlxbatch.pipeline.engine.decode import (
     RowLogprobsBatch,
     batch_classes,
 )
+from mlxbatch.pipeline.engine.row_kv import row_cache
 
 
 @pytest.fixture(scope="module")

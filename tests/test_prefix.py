@@ -8,9 +8,10 @@ import pytest
 from mlx_lm import load
 
 from mlxbatch.pipeline.engine import prefix as prefix_module
-from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.cache import RowBatchKVCache
 from mlxbatch.pipeline.engine.decode import batch_classes
 from mlxbatch.pipeline.engine.prefix import _batches, prefill, prefill_prefixes, prefill_rows
+from mlxbatch.pipeline.engine.row_kv import PrefilledRow, RowKVCache, row_cache
 from tests.conftest import WORDS, read_jsonl, write_jsonl
 from tests.test_cli_process import process
 from tests.test_row_cache import _generate, _prefilled

@@ -16,7 +16,8 @@ another, stop the run: errors.py). Ordering and batch sizing are decided by the 
 - decode.py     mlx-lm's decode step without a per-row logprobs split or a wasted last step,
                 and prompt batches handed over to decoding without a copy
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
-- cache.py      row caches: a shared prefix held once per batch, causal prefill masks
+- cache.py      batch caches: a shared prefix held once per batch, causal prefill masks
+- row_kv.py     one row's caches (and a prefilled batch's rows) that merge into those
 - layout.py     array operations on batch KV layouts (re-align, gather, broadcast rows)
 - cut_row.py    one row of a batch cache, cut out when first read
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix

@@ -182,7 +182,7 @@ def can_share_prefixes(model: Any) -> bool:
     import mlx.core as mx
 
     from mlxbatch.pipeline.engine import attention
-    from mlxbatch.pipeline.engine.cache import RowKVCache, row_cache
+    from mlxbatch.pipeline.engine.row_kv import RowKVCache, row_cache
 
     cache = row_cache(model, share_prefix=True)
     if not all(isinstance(c, RowKVCache) for c in cache):

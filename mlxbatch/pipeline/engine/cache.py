@@ -14,7 +14,8 @@ need nothing more, and MLX can then use its fused attention. Models with other c
 keep mlx-lm's caches.
 
 Rows that prefix.py prefilled together come to mlx-lm as PrefilledRows, which merge back into
-their batch without a copy; rows of several prefixes in one merge are joined in one copy.
+their batch without a copy; rows of several prefixes in one merge are joined in one copy. The
+one-row caches that merge here are row_kv.py's.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import itertools
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache
 
 from mlxbatch.pipeline.engine.cut_row import CutRow
 from mlxbatch.pipeline.engine.layout import (
     after_prefix,
     broadcast_rows,
+    gather_flat,
     gather_positions,
+    padding_array,
+    padding_to_front,
     right_aligned,
 )
-
-_prefix_ids = itertools.count(1)
 
 
 class RowBatchKVCache(BatchKVCache):
@@ -91,19 +93,35 @@ class RowBatchKVCache(BatchKVCache):
             return cls([0] * len(caches))  # mlx-lm's own merge returns its base class here
         if any(c is not first for c in caches):
             return super().merge(caches)
-        n = first.offset
-        keys, values = first.keys[..., :n, :], first.values[..., :n, :]
         cache = cls([0] * len(caches))
-        cache.offset += n
+        cache.offset += first.offset
         if getattr(first, "share_prefix", False):
-            # Contiguous, so decode kernels read it as it is (fused_attention.py).
-            cache.prefix = (mx.contiguous(keys), mx.contiguous(values))
-            cache.prefix_id = first.prefix_id
+            cache.prefix, cache.prefix_id = first.compact(), first.prefix_id
             return cache
+        keys, values = first.compact()
         cache.keys = broadcast_rows(keys, len(caches))
         cache.values = broadcast_rows(values, len(caches))
-        cache._idx = n
+        cache._idx = first.offset
         return cache
+
+    @classmethod
+    def continuing(cls, prefix: list[Any], rows: int) -> list[Any]:
+        """Per-layer batch caches of `rows` rows after one prefix (one-row RowKVCaches), as
+        each layer's merge([c] * rows) would give, but with the same padding and offset arrays
+        in every layer: a prefill pass then builds them once, not once per layer."""
+        first = prefix[0]
+        if not getattr(first, "share_prefix", False) or first.keys is None:
+            return [c.merge([c] * rows) for c in prefix]
+        left_padding = mx.zeros((rows,), mx.int32)
+        offset = mx.full((rows,), first.offset, mx.int32)
+        layers = []
+        for c in prefix:
+            cache = cls([])  # arrays replaced below, never evaluated
+            cache.left_padding, cache.offset = left_padding, offset
+            cache._padding = (left_padding, [0] * rows)
+            cache.prefix, cache.prefix_id = c.compact(), c.prefix_id
+            layers.append(cache)
+        return layers
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:
         unpadded_prefill = N > 1 and not return_array and kwargs.get("window_size") is None
@@ -113,25 +131,36 @@ class RowBatchKVCache(BatchKVCache):
             return "causal"
         return super().make_mask(N, return_array=return_array, **kwargs)
 
+    def update_and_fetch(self, keys: Any, values: Any) -> Any:
+        if self.keys is None and keys.shape[2] > 1:
+            # A first prefill step's keys become the buffer as they are: mlx-lm copies them
+            # into fresh zeros, and finalize or the first decode step copies them again.
+            self.keys, self.values = keys, values
+            self.offset = self.offset + keys.shape[2]
+            self._idx = keys.shape[2]
+            return keys, values
+        return super().update_and_fetch(keys, values)
+
     def finalize(self) -> None:
         """Move right-padded rows' tokens to the end, as mlx-lm's finalize does, but gathering
-        whole head vectors: its element-wise gather took 221 ms vs 27 ms (H100, 214 rows of
-        1,636 tokens, 24 layers)."""
+        whole head vectors (its element-wise gather took 221 ms vs 27 ms: H100, 214 rows of
+        1,636 tokens, 24 layers), at positions made once for all layers."""
         if self._right_padding is not None:
             padding = self._right_padding
-            n = self.keys.shape[2]
-            positions = (mx.arange(n)[None, :] - padding[:, None]) % n
-            self.keys = gather_positions(self.keys, positions)
-            self.values = gather_positions(self.values, positions)
+            right = self._right_list or padding.tolist()
+            _, heads, n, _ = self.keys.shape
+            flat = padding_to_front(tuple(right), heads, n)
+            self.keys = gather_flat(self.keys, flat)
+            self.values = gather_flat(self.values, flat)
             self.offset = self.offset - padding
             known = self._known_padding()
             self.left_padding = self.left_padding + padding
-            if known is not None and self._right_list is not None:
+            if known is not None:
                 self._padding = (
                     self.left_padding,
-                    [a + b for a, b in zip(known, self._right_list, strict=True)],
+                    [a + b for a, b in zip(known, right, strict=True)],
                 )
-            self._right_padding = self._right_list = None
+        self._right_padding = self._right_list = None
 
     def filter(self, batch_indices: Any) -> None:
         """mlx-lm's filter, with the padding kept on the host: mlx-lm reads it from the
@@ -181,12 +210,30 @@ class RowBatchKVCache(BatchKVCache):
         self._idx += length
         self.prefix, self.prefix_id = None, 0
 
-    def prepare(self, **kwargs: Any) -> None:
-        if kwargs.get("left_padding") is not None:
-            self._padding = None  # mlx-lm changes left_padding in place here
-        super().prepare(**kwargs)
-        right = kwargs.get("right_padding")
-        self._right_list = list(right) if right is not None else None
+    def prepare(
+        self,
+        *,
+        left_padding: list[int] | None = None,
+        lengths: list[int] | None = None,
+        right_padding: list[int] | None = None,
+    ) -> None:
+        """mlx-lm's prepare, with each padding copied from the host once for all layers, and
+        left padding added to new arrays (mlx-lm adds in place; layers may share arrays)."""
+        if left_padding is not None:
+            if self.keys is not None:
+                raise ValueError("Left padding can only be added to an empty BatchKVCache")
+            known = self._known_padding()
+            added = padding_array(tuple(left_padding))
+            self.left_padding = self.left_padding + added
+            self.offset = self.offset - added
+            if known is not None:
+                self._padding = (
+                    self.left_padding,
+                    [a + b for a, b in zip(known, left_padding, strict=True)],
+                )
+        if right_padding is not None and max(right_padding, default=0) > 0:
+            self._right_padding = padding_array(tuple(right_padding))
+            self._right_list = list(right_padding)
 
     def extract(self, idx: int) -> Any:
         """One row's cache, as mlx-lm's extract cuts it out (with the prefix in front).
@@ -266,42 +313,3 @@ class RowBatchKVCache(BatchKVCache):
     def nbytes(self) -> int:
         own = super().nbytes
         return own + (sum(p.nbytes for p in self.prefix) if self.prefix is not None else 0)
-
-
-class PrefilledRow:
-    """One row of a batch cache whose rows were prefilled together (prefix.prefill_rows).
-
-    mlx-lm merges the per-row caches it is given; rows handed over in the batch's own order
-    merge back into that batch without a copy, any other selection is gathered from it
-    (RowBatchKVCache.merge, pick).
-    """
-
-    nbytes = 0  # counted once, in the batch cache
-
-    def __init__(self, batch: RowBatchKVCache, row: int):
-        self.batch, self.row = batch, row
-
-    @classmethod
-    def merge(cls, caches: list[Any]) -> Any:
-        return RowBatchKVCache.merge(caches)
-
-
-class RowKVCache(KVCache):
-    """One row's (or one shared prefix's) KV cache, merged into a RowBatchKVCache."""
-
-    def __init__(self, share_prefix: bool = False):
-        super().__init__()
-        self.share_prefix = share_prefix  # merged, identical copies keep one prefix
-        self.prefix_id = next(_prefix_ids)
-
-    @classmethod
-    def merge(cls, caches: list[Any]) -> Any:
-        return RowBatchKVCache.merge(caches)
-
-
-def row_cache(model: Any, share_prefix: bool = False) -> list[Any]:
-    """An empty per-layer cache for one row: RowKVCaches where the model uses plain ones."""
-    cache = make_prompt_cache(model)
-    if all(type(c) is KVCache for c in cache):
-        return [RowKVCache(share_prefix) for _ in cache]
-    return cache

@@ -2,10 +2,15 @@
 
 What cache.py needs to re-align, gather and widen a batch's KV arrays, kept apart from the
 cache classes that decide when to. Nothing here knows about prefixes or padding bookkeeping.
+
+Every layer of a batch is padded alike, so the padding arrays and gather positions made for
+one layer serve the next ones (`padding_array`, `padding_to_front`): a prefill pass makes them
+once instead of once per layer (24 times for a 24-layer model), which saves host time.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import mlx.core as mx
@@ -28,10 +33,34 @@ def after_prefix(prefix: Any, rows: Any) -> Any:
 
 def gather_positions(x: Any, positions: Any) -> Any:
     """x [B, H, L, D] with each row's L axis taken at `positions` [B, L'] (head vectors whole)."""
+    return gather_flat(x, _flat_positions(positions, x.shape[1], x.shape[2]))
+
+
+def gather_flat(x: Any, flat: Any) -> Any:
+    """x [B, H, L, D] gathered at `flat` (from padding_to_front), head vectors whole."""
     b, h, n, d = x.shape
-    starts = (mx.arange(b * h) * n).reshape(b, h, 1)
-    flat = (starts + positions[:, None, :]).reshape(-1)
-    return x.reshape(b * h * n, d)[flat].reshape(b, h, positions.shape[1], d)
+    return x.reshape(b * h * n, d)[flat].reshape(b, h, -1, d)
+
+
+def _flat_positions(positions: Any, heads: int, length: int) -> Any:
+    """Positions [B, L'] of each row as indices into [B * H * length] head vectors."""
+    starts = (mx.arange(positions.shape[0] * heads) * length).reshape(-1, heads, 1)
+    return (starts + positions[:, None, :]).reshape(-1)
+
+
+# The last batch's arrays are kept: its layers ask one after another.
+@functools.lru_cache(maxsize=1)
+def padding_array(padding: tuple[int, ...]) -> Any:
+    """Per-row padding as an array, one copy from the host for all of a batch's layers."""
+    return mx.array(padding, mx.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def padding_to_front(padding: tuple[int, ...], heads: int, length: int) -> Any:
+    """Indices for gather_flat that move each row's last `padding[r]` of `length` positions
+    (right padding) to the front, the row's tokens to the end."""
+    positions = (mx.arange(length)[None, :] - padding_array(padding)[:, None]) % length
+    return _flat_positions(positions, heads, length)
 
 
 def broadcast_rows(x: Any, rows: int) -> Any:

@@ -244,7 +244,7 @@ class Engine:
 
     def row_cache(self, share_prefix: bool = False) -> list[Any]:
         """An empty KV cache for one row (see cache.py for how rows' caches merge)."""
-        from mlxbatch.pipeline.engine.cache import row_cache
+        from mlxbatch.pipeline.engine.row_kv import row_cache
 
         return row_cache(self.model, share_prefix and self.shares_prefixes)
 
@@ -253,7 +253,7 @@ class Engine:
         """Whether the engine prefills prefixes (several together) and the rows after them
         itself (prefix.py), which leaves mlx-lm one token per row: only where the model's
         caches are plain KV."""
-        from mlxbatch.pipeline.engine.cache import RowKVCache
+        from mlxbatch.pipeline.engine.row_kv import RowKVCache
 
         return all(isinstance(c, RowKVCache) for c in self.row_cache())
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxbatch.pipeline.engine.cache import PrefilledRow, RowBatchKVCache, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.cache import RowBatchKVCache
+from mlxbatch.pipeline.engine.row_kv import PrefilledRow, RowKVCache, row_cache
 
 PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's prompt processing
 # A batch of rows to prefill after a shared prefix closes when its padding would pass this
@@ -98,7 +99,7 @@ def prefill_rows(
     """Prefill rows that continue one prefix cache, in batches of similar length.
 
     Returns each row's per-layer cache handles, which mlx-lm's merge turns back into one
-    batch cache (cache.PrefilledRow). mlx-lm would prefill them as one batch padded to the
+    batch cache (row_kv.PrefilledRow). mlx-lm would prefill them as one batch padded to the
     longest row; here a batch ends where padding would pass MAX_PADDING.
     """
     from mlxbatch.pipeline.engine.attention import batch_attention
@@ -109,7 +110,7 @@ def prefill_rows(
     # A prefix held once is added back by batch_attention's attention (cache.py).
     with batch_attention(model):
         for batch in _batches(lengths, tokens_per_step, MAX_PADDING):
-            layers = [c.merge([c] * len(batch)) for c in prefix]
+            layers = RowBatchKVCache.continuing(prefix, len(batch))
             _prefill_padded(model, layers, [suffixes[i] for i in batch], wait=False)
             parts.append((batch, layers))
     # Rows in the order given: batches are in length order, so put them back.
