@@ -90,13 +90,13 @@ def test_a_pass_over_rows_after_a_prefix_stays_within_its_own_cap(model, monkeyp
     suffixes = [[20 + i, 30 + i, 40 + i, 50 + i, 60 + i, 70 + i] for i in range(5)]
     theirs = _generate(model, [PREFIX + s for s in suffixes])
     passes = []
-    real = prefix_module._prefill_padded
+    real = prefix_module.prefill
 
-    def spy(model, layers, rows, **kw):
-        passes.append(sum(len(r) for r in rows))
-        real(model, layers, rows, **kw)
+    def spy(model, ids, cache, **kw):
+        passes.append(ids.size)
+        real(model, ids, cache, **kw)
 
-    monkeypatch.setattr(prefix_module, "_prefill_padded", spy)
+    monkeypatch.setattr(prefix_module, "prefill", spy)
     monkeypatch.setattr(prefix_module, "ROWS_TOKENS_PER_PASS", 12)
     prefix = _prefilled(model, PREFIX, share_prefix=True)
     # Rows of one length, so no pass closes for padding: 5 rows of 5 tokens, 2 rows a pass.

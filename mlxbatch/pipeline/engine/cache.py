@@ -149,7 +149,7 @@ class RowBatchKVCache(BatchKVCache):
             padding = self._right_padding
             right = self._right_list or padding.tolist()
             _, heads, n, _ = self.keys.shape
-            flat = padding_to_front(tuple(right), heads, n)
+            flat = padding_to_front(tuple(right), padding, heads, n)
             self.keys = gather_flat(self.keys, flat)
             self.values = gather_flat(self.values, flat)
             self.offset = self.offset - padding
@@ -231,9 +231,14 @@ class RowBatchKVCache(BatchKVCache):
                     self.left_padding,
                     [a + b for a, b in zip(known, left_padding, strict=True)],
                 )
-        if right_padding is not None and max(right_padding, default=0) > 0:
-            self._right_padding = padding_array(tuple(right_padding))
-            self._right_list = list(right_padding)
+        if right_padding is not None:
+            self.pad_right(list(right_padding), padding_array(tuple(right_padding)))
+
+    def pad_right(self, padding: list[int], array: Any) -> None:
+        """Rows right-padded by `padding` (also as `array`, which layers may share) in the next
+        prefill steps: they get a causal mask, and finalize moves the padding to the left."""
+        if max(padding, default=0) > 0:
+            self._right_padding, self._right_list = array, padding
 
     def extract(self, idx: int) -> Any:
         """One row's cache, as mlx-lm's extract cuts it out (with the prefix in front).

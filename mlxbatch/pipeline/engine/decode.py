@@ -86,10 +86,11 @@ class RowLogprobsBatch(GenerationBatch):
 
     def extract_cache(self, idx: int) -> Any:
         """Row `idx`'s per-layer cache as one handle, cut out of the layers when first read."""
-        if not all(isinstance(c, RowBatchKVCache) for c in self.prompt_cache):
+        if self._cutters is None:  # once per batch state, not once per finished row
+            ours = all(isinstance(c, RowBatchKVCache) for c in self.prompt_cache)
+            self._cutters = [c.cutter() for c in self.prompt_cache] if ours else []
+        if not self._cutters:
             return super().extract_cache(idx)
-        if self._cutters is None:
-            self._cutters = [c.cutter() for c in self.prompt_cache]
         return LaterRow(self._cutters, idx)
 
     # Each of these changes the layers, so rows are cut from them afresh afterwards.

@@ -48,6 +48,11 @@ def _flat_positions(positions: Any, heads: int, length: int) -> Any:
     return (starts + positions[:, None, :]).reshape(-1)
 
 
+def broadcast_rows(x: Any, rows: int) -> Any:
+    """x [1, ...] copied into `rows` rows."""
+    return mx.contiguous(mx.broadcast_to(x, (rows, *x.shape[1:])))
+
+
 # The last batch's arrays are kept: its layers ask one after another.
 @functools.lru_cache(maxsize=1)
 def padding_array(padding: tuple[int, ...]) -> Any:
@@ -55,14 +60,14 @@ def padding_array(padding: tuple[int, ...]) -> Any:
     return mx.array(padding, mx.int32)
 
 
-@functools.lru_cache(maxsize=1)
-def padding_to_front(padding: tuple[int, ...], heads: int, length: int) -> Any:
+_to_front: tuple[tuple, Any] | None = None  # the last batch's key and indices
+
+
+def padding_to_front(key: tuple[int, ...], padding: Any, heads: int, length: int) -> Any:
     """Indices for gather_flat that move each row's last `padding[r]` of `length` positions
-    (right padding) to the front, the row's tokens to the end."""
-    positions = (mx.arange(length)[None, :] - padding_array(padding)[:, None]) % length
-    return _flat_positions(positions, heads, length)
-
-
-def broadcast_rows(x: Any, rows: int) -> Any:
-    """x [1, ...] copied into `rows` rows."""
-    return mx.contiguous(mx.broadcast_to(x, (rows, *x.shape[1:])))
+    (right padding, `key` on the host) to the front, the row's tokens to the end."""
+    global _to_front
+    if _to_front is None or _to_front[0] != (key, heads, length):
+        positions = (mx.arange(length)[None, :] - padding[:, None]) % length
+        _to_front = ((key, heads, length), _flat_positions(positions, heads, length))
+    return _to_front[1]

@@ -106,12 +106,18 @@ def prefill_rows(
 
     lengths = [len(s) for s in suffixes]
     tokens_per_step = min(tokens_per_step, ROWS_TOKENS_PER_PASS)
+    batches = list(_batches(lengths, tokens_per_step, MAX_PADDING))
     parts: list[tuple[list[int], list[Any]]] = []
     # A prefix held once is added back by batch_attention's attention (cache.py).
     with batch_attention(model):
-        for batch in _batches(lengths, tokens_per_step, MAX_PADDING):
+        for batch, (ids, right, padding) in zip(batches, _passes(suffixes, batches), strict=True):
             layers = RowBatchKVCache.continuing(prefix, len(batch))
-            _prefill_padded(model, layers, [suffixes[i] for i in batch], wait=False)
+            if ids.shape[1]:
+                for c in layers:
+                    c.pad_right(right, padding)
+                prefill(model, ids, layers, wait=False)
+                for c in layers:
+                    c.finalize()
             parts.append((batch, layers))
     # Rows in the order given: batches are in length order, so put them back.
     order = [i for batch, _ in parts for i in batch]
@@ -123,6 +129,31 @@ def prefill_rows(
     for position, i in enumerate(order):
         handles[i] = [PrefilledRow(layer, position) for layer in stacked]
     return handles
+
+
+def _passes(
+    rows: list[list[int]], batches: list[list[int]]
+) -> Iterator[tuple[Any, list[int], Any]]:
+    """Each batch's token ids [rows, width], right-padded to its longest row, and its rows'
+    right padding (a list and an array). Every batch's ids and padding go to the device in one
+    copy each: an array made from host data for each pass cost ~4 ms (H200)."""
+    widths = [max(len(rows[i]) for i in batch) for batch in batches]
+    padding = [[w - len(rows[i]) for i in batch] for batch, w in zip(batches, widths, strict=True)]
+    all_ids = mx.array(
+        [
+            t
+            for batch, w in zip(batches, widths, strict=True)
+            for i in batch
+            for t in rows[i] + [0] * (w - len(rows[i]))
+        ],
+        mx.int32,
+    )
+    all_padding = mx.array([p for pad in padding for p in pad], mx.int32)
+    start = first = 0
+    for batch, w, pad in zip(batches, widths, padding, strict=True):
+        end = start + len(batch) * w
+        yield all_ids[start:end].reshape(len(batch), w), pad, all_padding[first : first + len(pad)]
+        start, first = end, first + len(pad)
 
 
 def _prefill_batch(model: Any, prefixes: list[list[int]], share_prefix: bool) -> list[list[Any]]:
