@@ -61,6 +61,24 @@ def test_a_shared_prefix_is_held_once_when_its_attention_is_in_place(model):
     assert mx.array_equal(merged.prefix[0], prefix[0].keys[..., :5, :]).item()
 
 
+def test_rows_continuing_a_prefix_share_padding_arrays_that_no_layer_changes_in_place(model):
+    prefix = _prefilled(model, [5, 9, 14, 3, 22], share_prefix=True)
+    layers = RowBatchKVCache.continuing(prefix, 3)
+    merged = [c.merge([c] * 3) for c in prefix]
+    assert len(layers) == len(prefix) > 1
+    for ours, theirs in zip(layers, merged, strict=True):
+        assert ours.offset.tolist() == theirs.offset.tolist() == [5, 5, 5]
+        assert ours.left_padding.tolist() == theirs.left_padding.tolist() == [0, 0, 0]
+        assert all(mx.array_equal(a, b).item() for a, b in zip(ours.prefix, theirs.prefix))
+    assert layers[0].left_padding is layers[1].left_padding  # made once for all layers
+    # mlx-lm's prepare adds left padding in place; here one layer's must not reach another's.
+    layers[0].prepare(left_padding=[1, 0, 2])
+    assert layers[0].left_padding.tolist() == [1, 0, 2]
+    assert layers[0].offset.tolist() == [4, 5, 3]
+    assert layers[1].left_padding.tolist() == [0, 0, 0]
+    assert layers[1].offset.tolist() == [5, 5, 5]
+
+
 def test_different_or_empty_caches_merge_as_mlx_lm_merges_them(model):
     short, long = _prefilled(model, [5, 9]), _prefilled(model, [7, 8, 11])
     merged = RowKVCache.merge([short[0], long[0]])
