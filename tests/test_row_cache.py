@@ -69,7 +69,9 @@ def test_rows_continuing_a_prefix_share_padding_arrays_that_no_layer_changes_in_
     for ours, theirs in zip(layers, merged, strict=True):
         assert ours.offset.tolist() == theirs.offset.tolist() == [5, 5, 5]
         assert ours.left_padding.tolist() == theirs.left_padding.tolist() == [0, 0, 0]
-        assert all(mx.array_equal(a, b).item() for a, b in zip(ours.prefix, theirs.prefix))
+        assert all(
+            mx.array_equal(a, b).item() for a, b in zip(ours.prefix, theirs.prefix, strict=True)
+        )
     assert layers[0].left_padding is layers[1].left_padding  # made once for all layers
     # mlx-lm's prepare adds left padding in place; here one layer's must not reach another's.
     layers[0].prepare(left_padding=[1, 0, 2])
