@@ -28,7 +28,7 @@ def prefilled_batch(engine: Any, rows: int, prefix_tokens: int, seed: int = 0) -
     tokens (what the first decode step reads)."""
     import mlx.core as mx
 
-    from mlxbatch.pipeline.engine.cache import RowBatchKVCache
+    from mlxbatch.pipeline.engine.row_kv import merge_rows
 
     rng = random.Random(seed)
     vocab = min(4000, int(engine.config.get("vocab_size") or 4000))
@@ -36,7 +36,7 @@ def prefilled_batch(engine: Any, rows: int, prefix_tokens: int, seed: int = 0) -
     suffixes = [[rng.randrange(vocab) for _ in range(rng.randint(100, 200))] for _ in range(rows)]
     [shared] = engine.prefill_prefixes([prefix])
     handles = engine.prefill_rows(shared, [s[:-1] for s in suffixes])
-    cache = [RowBatchKVCache.merge([h[k] for h in handles]) for k in range(len(shared))]
+    cache = [merge_rows([h[k] for h in handles]) for k in range(len(shared))]
     mx.eval([c.state for c in cache])
     return cache, mx.array([s[-1] for s in suffixes])
 

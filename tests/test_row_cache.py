@@ -12,7 +12,7 @@ from mlx_lm.models.cache import BatchKVCache
 from mlxbatch.pipeline.engine.attention import batch_attention, shared_prefix_attention
 from mlxbatch.pipeline.engine.cache import RowBatchKVCache
 from mlxbatch.pipeline.engine.model import Engine
-from mlxbatch.pipeline.engine.row_kv import RowKVCache, row_cache
+from mlxbatch.pipeline.engine.row_kv import RowKVCache, continuing, row_cache
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_shared_prefix_is_held_once_when_its_attention_is_in_place(model):
 
 def test_rows_continuing_a_prefix_share_padding_arrays_that_no_layer_changes_in_place(model):
     prefix = _prefilled(model, [5, 9, 14, 3, 22], share_prefix=True)
-    layers = RowBatchKVCache.continuing(prefix, 3)
+    layers = continuing(prefix, 3)
     merged = [c.merge([c] * 3) for c in prefix]
     assert len(layers) == len(prefix) > 1
     for ours, theirs in zip(layers, merged, strict=True):

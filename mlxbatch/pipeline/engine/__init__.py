@@ -17,7 +17,7 @@ another, stop the run: errors.py). Ordering and batch sizing are decided by the 
                 and prompt batches handed over to decoding without a copy
 - sampling.py   batch-invariant seeded sampling and per-row logits processors
 - cache.py      batch caches: a shared prefix held once per batch, causal prefill masks
-- row_kv.py     one row's caches (and a prefilled batch's rows) that merge into those
+- row_kv.py     one row's caches (and a prefilled batch's rows), and how they merge into one
 - layout.py     array operations on batch KV layouts (re-align, gather, broadcast rows)
 - cut_row.py    one row of a batch cache, cut out when first read
 - prefix.py     prefix caches, many groups' prefixes in a few batches; rows after a prefix

@@ -14,13 +14,12 @@ need nothing more, and MLX can then use its fused attention. Models with other c
 keep mlx-lm's caches.
 
 Rows that prefix.py prefilled together come to mlx-lm as PrefilledRows, which merge back into
-their batch without a copy; rows of several prefixes in one merge are joined in one copy. The
-one-row caches that merge here are row_kv.py's.
+their batch without a copy; rows of several prefixes in one merge are joined in one copy.
+How rows' caches merge into a batch cache, and the one-row caches themselves, are row_kv.py's.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import mlx.core as mx
@@ -69,59 +68,6 @@ class RowBatchKVCache(BatchKVCache):
             self.offset = mx.zeros((len(left_padding),), mx.int32)
         # Known here without reading the device: masks of the first steps need no sync.
         self._padding = (self.left_padding, list(left_padding))
-
-    @classmethod
-    def merge(cls, caches: list[Any]) -> Any:
-        """One batch cache of rows' caches: RowKVCaches and PrefilledRows, in any mix (a
-        batch may take rows of several groups); runs of each kind merge on their own."""
-        parts = [
-            cls._merge_rows(list(run)) if batch is None else batch.pick([r.row for r in run])
-            for batch, run in itertools.groupby(caches, key=lambda c: getattr(c, "batch", None))
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        # Parts of different prefixes: each in the plain layout, joined in one copy (one
-        # `extend` per part would copy the growing batch again each time: 64 n=8 groups).
-        for part in parts:
-            part.unshare()
-        return cls.stack(parts)
-
-    @classmethod
-    def _merge_rows(cls, caches: list[Any]) -> Any:
-        first = caches[0]
-        if all(c.keys is None for c in caches):
-            return cls([0] * len(caches))  # mlx-lm's own merge returns its base class here
-        if any(c is not first for c in caches):
-            return super().merge(caches)
-        cache = cls([0] * len(caches))
-        cache.offset += first.offset
-        if getattr(first, "share_prefix", False):
-            cache.prefix, cache.prefix_id = first.compact(), first.prefix_id
-            return cache
-        keys, values = first.compact()
-        cache.keys = broadcast_rows(keys, len(caches))
-        cache.values = broadcast_rows(values, len(caches))
-        cache._idx = first.offset
-        return cache
-
-    @classmethod
-    def continuing(cls, prefix: list[Any], rows: int) -> list[Any]:
-        """Per-layer batch caches of `rows` rows after one prefix (one-row RowKVCaches), as
-        each layer's merge([c] * rows) would give, but with the same padding and offset arrays
-        in every layer: a prefill pass then builds them once, not once per layer."""
-        first = prefix[0]
-        if not getattr(first, "share_prefix", False) or first.keys is None:
-            return [c.merge([c] * rows) for c in prefix]
-        left_padding = mx.zeros((rows,), mx.int32)
-        offset = mx.full((rows,), first.offset, mx.int32)
-        layers = []
-        for c in prefix:
-            cache = cls([])  # arrays replaced below, never evaluated
-            cache.left_padding, cache.offset = left_padding, offset
-            cache._padding = (left_padding, [0] * rows)
-            cache.prefix, cache.prefix_id = c.compact(), c.prefix_id
-            layers.append(cache)
-        return layers
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:
         unpadded_prefill = N > 1 and not return_array and kwargs.get("window_size") is None

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxbatch.pipeline.engine.cache import RowBatchKVCache
-from mlxbatch.pipeline.engine.row_kv import PrefilledRow, RowKVCache, row_cache
+from mlxbatch.pipeline.engine.row_kv import PrefilledRow, RowKVCache, continuing, row_cache
 
 PREFILL_STEP = 2048  # tokens of each row per forward pass, as in mlx-lm's prompt processing
 # A batch of rows to prefill after a shared prefix closes when its padding would pass this
@@ -111,7 +111,7 @@ def prefill_rows(
     # A prefix held once is added back by batch_attention's attention (cache.py).
     with batch_attention(model):
         for batch, padded in zip(batches, _passes(suffixes, batches), strict=True):
-            layers = RowBatchKVCache.continuing(prefix, len(batch))
+            layers = continuing(prefix, len(batch))
             _prefill_padded(model, layers, *padded, wait=False)
             parts.append((batch, layers))
     # Rows in the order given: batches are in length order, so put them back.
