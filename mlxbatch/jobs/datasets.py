@@ -90,7 +90,7 @@ def run_spec(run: dict) -> JobSpec:
 
 def load_tokenizer(run: dict) -> Any:
     """The run's tokenizer, loaded the way mlx-lm loads it (mlx is imported here, not before)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+    from mlxbatch.pipeline.engine.tokenizer import load_tokenizer as mlx_load_tokenizer
 
     model = ((run.get("provenance") or {}).get("model") or {}).get("path") or run["model"]
     spec = run.get("spec") or {}

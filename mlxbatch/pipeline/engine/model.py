@@ -61,9 +61,10 @@ class Engine:
         quantize: int | None = None,
         trust_remote_code: bool = False,
     ):
-        from mlx_lm.utils import _download, load_config, load_tokenizer
+        from mlx_lm.utils import _download, load_config
 
         from mlxbatch.pipeline.engine.load import WeightsLoader
+        from mlxbatch.pipeline.engine.tokenizer import load_tokenizer
 
         self.model_name = model
         try:
