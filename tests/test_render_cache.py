@@ -74,3 +74,18 @@ def test_changed_chat_template_is_noticed(tmp_path, tiny_model, renders):
     assert generated_count(changed.stderr) == (1, 0)
     assert renders[1:] == [1, 1]
     assert read_jsonl(tmp_path / "p.out.jsonl")[0]["usage"]["prompt_tokens"] > 0
+
+
+def test_changed_tokenizer_is_noticed(tmp_path, tiny_model, renders):
+    """Weights, config and chat template stay the same; the tokenizer's files change."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    f = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    base = (str(f), "-m", str(model), "--max-tokens", "2")
+    run(renders, *base)
+    run(renders, *base)
+    tokenizer_path = Path(model) / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_path.read_text())
+    tokenizer["normalizer"] = {"type": "Lowercase"}
+    tokenizer_path.write_text(json.dumps(tokenizer))
+    run(renders, *base)
+    assert renders[1:] == [1, 0, 1]
