@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
     p.add_argument("--workload", choices=WORKLOADS, default="labelling")
     p.add_argument("--model-shape", help="default: tiny on CPU, qwen05b on GPU")
+    p.add_argument("--model", help="a model directory instead of a benchmark shape")
     p.add_argument("--rows", type=int)
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--repeat", type=int, default=1, help="timed runs (each one printed)")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlxbatch.jobs.spec import JobSpec
 
     gpu = mx.default_device() == mx.gpu
-    model = bench_model(None, args.model_shape, gpu)
+    model = bench_model(args.model, args.model_shape, gpu)
     wl = make_workload(
         args.workload,
         BENCH_DIR / "data",
