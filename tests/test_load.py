@@ -91,34 +91,26 @@ def test_the_engine_raises_mlx_cuda_graph_cache_unless_it_is_set():
     assert own.stdout.strip() == "64", own.stderr
 
 
-def test_the_tokenizer_loads_after_the_build_while_the_weights_read(tiny_model, monkeypatch):
-    from mlxbatch.pipeline.engine import tokenizer as tokenizer_module
+def test_the_tokenizer_loads_while_the_model_builds(tiny_model, monkeypatch):
+    import mlx_lm.utils
 
     tokenizer_loaded = threading.Event()
-    real_tokenizer = tokenizer_module.load_tokenizer
-    build, read = WeightsLoader._build, WeightsLoader._read_weights
-    order = []
+    real_tokenizer, build = mlx_lm.utils.load_tokenizer, WeightsLoader._build
+    built_after_tokenizer = []
 
     def tokenizer(*args, **kwargs):
-        order.append("tokenizer")
         loaded = real_tokenizer(*args, **kwargs)
         tokenizer_loaded.set()
         return loaded
 
-    def built(self, mx):
+    def held(self, mx):
+        built_after_tokenizer.append(tokenizer_loaded.wait(timeout=10))
         build(self, mx)
-        order.append("built")
 
-    def held(self):
-        order.append(tokenizer_loaded.wait(timeout=10))  # the read goes on beside the tokenizer
-        read(self)
-
-    monkeypatch.setattr(tokenizer_module, "load_tokenizer", tokenizer)
-    monkeypatch.setattr(WeightsLoader, "_build", built)
-    monkeypatch.setattr(WeightsLoader, "_read_weights", held)
+    monkeypatch.setattr(mlx_lm.utils, "load_tokenizer", tokenizer)
+    monkeypatch.setattr(WeightsLoader, "_build", held)
     engine = Engine(tiny_model)
-    assert engine.model is not None and engine.dtype == "float32"
-    assert order == ["built", "tokenizer", True]
+    assert built_after_tokenizer == [True] and engine.dtype == "float32"
 
 
 def test_a_failed_build_is_the_error_reported_even_when_the_tokenizer_fails(tmp_path, tiny_model):

@@ -78,16 +78,16 @@ class Engine:
                 quantize=quantize,
                 trust_remote_code=trust_remote_code,
             )
-            # The build is Python and holds Python's lock; the reads after it do not. Loading
-            # the tokenizer beside the build only slowed both (H200 host: the build 13 ms
-            # alone, ~30 ms beside it), so the weights started reading later. A failed build
-            # is also what a broken model directory says first.
-            self._weights.wait_built()
-            self.tokenizer = load_tokenizer(
-                path,
-                {"trust_remote_code": trust_remote_code},
-                eos_token_ids=load_config(path).get("eos_token_id"),
-            )
+            try:
+                self.tokenizer = load_tokenizer(
+                    path,
+                    {"trust_remote_code": trust_remote_code},
+                    eos_token_ids=load_config(path).get("eos_token_id"),
+                )
+            finally:
+                # The worker builds the model meanwhile. A failed build says more about a
+                # broken model directory than a tokenizer error does, so it is raised first.
+                self._weights.wait_built()
         except ModelLoadError:
             raise
         except Exception as e:  # hub, file-system and format errors all surface here
