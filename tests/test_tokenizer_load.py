@@ -3,12 +3,14 @@ and the streaming detokenizer built only when first used."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from mlx_lm import tokenizer_utils
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-from mlxbatch.pipeline.engine.tokenizer import load_tokenizer
+from mlxbatch.pipeline.engine.tokenizer import load_tokenizer, top_level_until
 
 
 def _streamed(tokenizer, ids: list[int]) -> str:
@@ -79,3 +81,27 @@ def test_the_vocabulary_is_read_once_and_the_detokenizer_built_on_first_use(
     assert tokenizer_utils.BPEStreamingDetokenizer is bpe
     tokenizer.get_vocab()
     assert len(reads) == 2
+
+
+def test_the_tokenizer_file_is_parsed_only_up_to_its_decoder(tiny_model):
+    text = (Path(tiny_model) / "tokenizer.json").read_text(encoding="utf-8")
+    whole = json.loads(text)
+    keys = list(whole)
+    assert keys.index("decoder") < keys.index("model")  # as `tokenizers` writes the file
+    entries = top_level_until(text, "decoder")
+    assert list(entries) == keys[: keys.index("decoder") + 1]
+    assert all(entries[k] == whole[k] for k in entries)
+
+
+def test_top_level_until_reads_what_json_reads():
+    assert top_level_until(
+        ' { "a" : [1, {"decoder": 2}] ,\n "decoder": null, "x": 1}', "decoder"
+    ) == {
+        "a": [1, {"decoder": 2}],
+        "decoder": None,
+    }
+    for text in ('{"a": 1, "b": {"decoder": 0}}', "{}", "[1, 2]", '"text"'):
+        assert top_level_until(text, "decoder") == json.loads(text)
+    for broken in ('{"a": 1,', '{"a" 1, "decoder": 2}', '{"a": tru, "decoder": 2}'):
+        with pytest.raises(json.JSONDecodeError):
+            top_level_until(broken, "decoder")

@@ -177,10 +177,10 @@ def _tokenizer_digest(tokenizer: Any) -> bytes:
         files = sorted({p for pattern in TOKENIZER_FILES for p in Path(source).glob(pattern)})
         digest = hashlib.sha256()
         for path in files:
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
             with open(path, "rb") as f:
-                digest.update(
-                    path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest()
-                )
+                while block := f.read(1 << 20):
+                    digest.update(block)
         return digest.digest()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab()))

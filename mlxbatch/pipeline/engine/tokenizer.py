@@ -3,9 +3,11 @@
 mlx-lm's `load_tokenizer` asks the Hugging Face tokenizer for its whole vocabulary three
 times (thinking tokens, structural markers, tool parser: a fresh dict each time) and builds a
 streaming detokenizer's table of every token's text, which a run needs only for stop strings.
-With a 126k-token vocabulary that was 0.31 s of a 0.83 s load (2-core CPU). Here mlx-lm's own
-loader runs with the vocabulary read once and the detokenizer built on first use, so what it
-decides (EOS ids, thinking tokens, chat template, detokenizer kind) is still mlx-lm's.
+With a 126k-token vocabulary that was 0.31 s of a 0.83 s load (2-core CPU); parsing the
+whole `tokenizer.json` again, for its decoder's kind alone, another 0.12 s. Here mlx-lm's own
+loader runs with the vocabulary read once, the detokenizer built on first use and the file read
+only up to its "decoder" (written before the vocabulary), so what it decides (EOS ids, thinking
+tokens, chat template, detokenizer kind) is still mlx-lm's.
 
 It does not load weights (load.py) or render prompts (pipeline/render.py).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ def load_tokenizer(path: Path, config_extra: dict, eos_token_ids: Any) -> Any:
         if hasattr(tokenizer_utils, name)
     }
     auto = swaps["AutoTokenizer"] = _VocabularyOnce(tokenizer_utils.AutoTokenizer)
+    swaps["json"] = _DecoderOnlyJson()
     # One load at a time swaps the module's names: two would restore each other's.
     with _SWAP_LOCK:
         saved = {name: getattr(tokenizer_utils, name) for name in swaps}
@@ -98,3 +102,41 @@ class DeferredDetokenizer:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.built(), name)
+
+
+class _DecoderOnlyJson:
+    """Stands in for the json module in mlx-lm's loader, which parses `tokenizer.json` only to
+    look at its "decoder": the file's top-level entries are parsed up to that one, the rest
+    (the vocabulary and merges, written after it) left unparsed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(json, name)
+
+    def load(self, file: Any, **kwargs: Any) -> Any:
+        if kwargs or not str(getattr(file, "name", "")).endswith("tokenizer.json"):
+            return json.load(file, **kwargs)
+        return top_level_until(file.read(), "decoder")
+
+
+def top_level_until(text: str, wanted: str) -> dict:
+    """The top-level entries of the JSON object `text`, parsed one at a time up to the first
+    named `wanted`; the whole object when there is none."""
+    decoder, skip = json.JSONDecoder(), json.decoder.WHITESPACE  # type: ignore[attr-defined]
+    end = skip.match(text, 0).end()
+    if text[end : end + 1] != "{":
+        return json.loads(text)  # not an object: json's own error or value
+    entries: dict = {}
+    end = skip.match(text, end + 1).end()
+    while text[end : end + 1] == '"':
+        key, end = decoder.raw_decode(text, end)
+        end = skip.match(text, end).end()
+        if text[end : end + 1] != ":":
+            return json.loads(text)
+        value, end = decoder.raw_decode(text, skip.match(text, end + 1).end())
+        entries[key] = value
+        if key == wanted:
+            return entries
+        end = skip.match(text, end).end()
+        if text[end : end + 1] == ",":
+            end = skip.match(text, end + 1).end()
+    return json.loads(text)  # no `wanted` entry: the whole object, as json.load gives it
