@@ -90,14 +90,14 @@ def run_spec(run: dict) -> JobSpec:
 
 def load_tokenizer(run: dict) -> Any:
     """The run's tokenizer, loaded the way mlx-lm loads it (mlx is imported here, not before)."""
-    from mlxbatch.pipeline.engine.tokenizer import load_tokenizer as mlx_load_tokenizer
+    from mlxbatch.pipeline.engine.tokenizer import load_tokenizer as load_through_mlx_lm
 
     model = ((run.get("provenance") or {}).get("model") or {}).get("path") or run["model"]
     spec = run.get("spec") or {}
     config_file = Path(model, "config.json")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     extra = {"trust_remote_code": bool(spec.get("trust_remote_code"))}
-    return mlx_load_tokenizer(Path(model), extra, eos_token_ids=config.get("eos_token_id"))
+    return load_through_mlx_lm(Path(model), extra, eos_token_ids=config.get("eos_token_id"))
 
 
 def prompt_messages(request: Request, spec: JobSpec, tokenizer: Callable[[], Any]) -> list[dict]:

@@ -121,22 +121,29 @@ class _DecoderOnlyJson:
 def top_level_until(text: str, wanted: str) -> dict:
     """The top-level entries of the JSON object `text`, parsed one at a time up to the first
     named `wanted`; the whole object when there is none."""
-    decoder, skip = json.JSONDecoder(), json.decoder.WHITESPACE  # type: ignore[attr-defined]
-    end = skip.match(text, 0).end()
+    decoder = json.JSONDecoder()
+    end = _skip(text, 0)
     if text[end : end + 1] != "{":
         return json.loads(text)  # not an object: json's own error or value
     entries: dict = {}
-    end = skip.match(text, end + 1).end()
+    end = _skip(text, end + 1)
     while text[end : end + 1] == '"':
         key, end = decoder.raw_decode(text, end)
-        end = skip.match(text, end).end()
+        end = _skip(text, end)
         if text[end : end + 1] != ":":
             return json.loads(text)
-        value, end = decoder.raw_decode(text, skip.match(text, end + 1).end())
+        value, end = decoder.raw_decode(text, _skip(text, end + 1))
         entries[key] = value
         if key == wanted:
             return entries
-        end = skip.match(text, end).end()
+        end = _skip(text, end)
         if text[end : end + 1] == ",":
-            end = skip.match(text, end + 1).end()
+            end = _skip(text, end + 1)
     return json.loads(text)  # no `wanted` entry: the whole object, as json.load gives it
+
+
+def _skip(text: str, i: int) -> int:
+    """The index of the first character at or after `i` that is not JSON whitespace."""
+    while text[i : i + 1] in (" ", "\t", "\n", "\r"):
+        i += 1
+    return i
